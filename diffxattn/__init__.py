@@ -1,0 +1,1 @@
+"""diffxattn: text-to-image diffusion with cross-attention you can see and edit."""
