@@ -1,0 +1,86 @@
+"""Build the components an experiment config describes: dataset, text encoder, UNet, scheduler, pipeline."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from diffusers import UNet2DConditionModel
+
+from .config import DataConfig, ExperimentConfig, ModelConfig, TextConfig
+from .models import XAttnUNet
+from .models import text as text_mod
+from .pipeline import DiffXAttnPipeline
+from .schedulers import make_scheduler
+
+
+def build_dataset(cfg: DataConfig, split: str = "train"):
+    """The training data a config names: procedural shapes scenes or an image folder with metadata.jsonl."""
+    if cfg.kind == "shapes":
+        from .data.shapes import ShapesConfig, ShapesDataset
+
+        kw = dict(size=cfg.size, min_objects=cfg.min_objects, max_objects=cfg.max_objects,
+                  two_object_prob=cfg.two_object_prob, seed=cfg.seed, split=split)
+        if cfg.holdout is not None:
+            kw["holdout"] = cfg.holdout
+        return ShapesDataset(ShapesConfig(**kw))
+    from .data.imagefolder import ImageFolderDataset
+
+    if not cfg.root:
+        raise ValueError("data.kind='imagefolder' needs data.root: a folder with metadata.jsonl")
+    return ImageFolderDataset(cfg.root, size=cfg.size)
+
+
+def dataset_captions(dataset, n: int) -> list[str]:
+    """Up to n captions to learn a tokenizer vocabulary from."""
+    if hasattr(dataset, "captions"):
+        return dataset.captions(n)
+    return [dataset[i]["text"] for i in range(min(n, len(dataset)))]
+
+
+def build_text(cfg: TextConfig, captions: list[str], workdir: str | Path | None = None):
+    """(tokenizer, text_encoder): loaded from `cfg.pretrained`, or built small with a vocabulary learned from captions."""
+    if cfg.pretrained:
+        return text_mod.load_text_encoder(cfg.pretrained)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="diffxattn-tokenizer-"))
+    tokenizer = text_mod.build_tokenizer(captions, workdir, max_length=cfg.max_length)
+    encoder = text_mod.build_text_encoder(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads)
+    return tokenizer, encoder
+
+
+def build_unet(cfg: ModelConfig, cross_attention_dim: int, in_channels: int = 3):
+    """XAttnUNet from the model config, or a diffusers UNet2DConditionModel of the same shape (for comparisons)."""
+    if cfg.kind == "xattn":
+        return XAttnUNet(
+            sample_size=cfg.sample_size, in_channels=in_channels, out_channels=in_channels,
+            block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+            cross_attention_resolutions=cfg.cross_attention_resolutions,
+            self_attention_resolutions=cfg.self_attention_resolutions, num_heads=cfg.num_heads,
+            cross_attention_dim=cross_attention_dim, gated_cross_attention=cfg.gated_cross_attention,
+            query_pos_embed=cfg.query_pos_embed, ff_mult=cfg.ff_mult,
+        )
+    levels = len(cfg.block_out_channels)
+    attn = set(range(levels)) if cfg.diffusers_attention_levels is None else set(cfg.diffusers_attention_levels)
+    down = tuple("CrossAttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(levels))
+    up = tuple("CrossAttnUpBlock2D" if levels - 1 - i in attn else "UpBlock2D" for i in range(levels))
+    return UNet2DConditionModel(
+        sample_size=cfg.sample_size, in_channels=in_channels, out_channels=in_channels,
+        down_block_types=down, up_block_types=up, block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=[c // cfg.num_heads for c in cfg.block_out_channels],
+        norm_num_groups=min(32, min(cfg.block_out_channels)),
+    )
+
+
+def build_pipeline(cfg: ExperimentConfig, captions: list[str] | None = None, workdir: str | Path | None = None
+                   ) -> DiffXAttnPipeline:
+    """A complete, untrained pipeline for an experiment config."""
+    if captions is None and not cfg.text.pretrained:
+        captions = dataset_captions(build_dataset(cfg.data), cfg.text.vocab_captions)
+    tokenizer, encoder = build_text(cfg.text, captions or [], workdir)
+    unet = build_unet(cfg.model, encoder.config.hidden_size)
+    s = cfg.scheduler
+    scheduler = make_scheduler(s.sampler, num_train_timesteps=s.num_train_timesteps, beta_schedule=s.beta_schedule,
+                               prediction_type=s.prediction_type)
+    return DiffXAttnPipeline(unet, encoder, tokenizer, scheduler, default_steps=s.steps,
+                             default_guidance_scale=s.guidance_scale)

@@ -1,0 +1,268 @@
+"""Experiment config: one YAML file -> small dataclasses. Unknown keys and wrong types are errors.
+
+    model:     the UNet (XAttnUNet arguments, or `kind: diffusers` for a UNet2DConditionModel)
+    text:      the text encoder: a CLIP folder / hub id, or a small one built from the captions
+    scheduler: noise schedule, prediction type, and the sampling defaults saved with the pipeline
+    data:      shapes scenes or an image folder
+    optim:     AdamW + learning-rate schedule
+    train:     batch, steps, precision, EMA, guidance dropout, checkpoints
+    logging:   validation images, TensorBoard
+
+Override any field from the command line: `--train.lr 3e-4` style, as `section.field=value` strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, type or value is not allowed; the message names it and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "xattn"  # "xattn" (XAttnUNet) or "diffusers" (UNet2DConditionModel, for comparisons)
+    sample_size: int = 32
+    block_out_channels: tuple[int, ...] = (32, 64, 96)
+    layers_per_block: int = 2
+    cross_attention_resolutions: tuple[int, ...] = (16, 8)
+    self_attention_resolutions: tuple[int, ...] = (8,)
+    num_heads: int = 4
+    gated_cross_attention: bool = False
+    query_pos_embed: bool = True
+    ff_mult: int = 2
+    # diffusers UNet2DConditionModel only: which levels get attention blocks (CrossAttn* vs plain blocks)
+    diffusers_attention_levels: tuple[int, ...] | None = None
+
+
+@dataclass
+class TextConfig:
+    pretrained: str | None = None  # CLIP folder or hub id; None = build a small CLIP from the captions
+    train: bool = True  # train jointly with the UNet (False = frozen)
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    max_length: int = 24
+    vocab_captions: int = 20000  # captions sampled from the dataset to learn the BPE vocabulary
+
+
+@dataclass
+class SchedulerConfig:
+    prediction_type: str = "v_prediction"
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+    sampler: str = "ddim"  # scheduler saved with the pipeline, used for validation and by default
+    steps: int = 30
+    guidance_scale: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    kind: str = "shapes"  # "shapes" or "imagefolder"
+    root: str | None = None  # imagefolder: folder with metadata.jsonl
+    size: int = 32
+    min_objects: int = 1
+    max_objects: int = 2
+    two_object_prob: float = 0.5
+    holdout: tuple[tuple[str, str], ...] | None = None  # None = the dataset's default held-out pairs
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # "cosine" or "constant"
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/shapes-32"
+    batch_size: int = 64  # per process, per micro-step
+    max_steps: int = 4000  # optimizer steps
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str | None = None  # None = whatever `accelerate launch` was told; or "no", "bf16", "fp16"
+    ema: bool = True
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    snr_gamma: float | None = 5.0  # min-SNR-gamma loss weighting; None = plain MSE
+    seed: int = 0
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int | None = 3
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    validate_every: int = 500
+    validation_prompts: tuple[str, ...] = ("a red circle at the left", "a blue square at the top",
+                                           "a green triangle left of a yellow circle", "a purple diamond")
+    validation_seed: int = 0
+    tensorboard: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES = {
+    ("model", "kind"): ("xattn", "diffusers"),
+    ("scheduler", "prediction_type"): ("epsilon", "v_prediction"),
+    ("data", "kind"): ("shapes", "imagefolder"),
+    ("optim", "lr_schedule"): ("cosine", "constant"),
+    ("train", "mixed_precision"): (None, "no", "bf16", "fp16"),
+}
+POSITIVE = {("train", "batch_size"), ("train", "max_steps"), ("train", "gradient_accumulation_steps"),
+            ("train", "checkpoint_every"), ("logging", "log_every"), ("logging", "validate_every"),
+            ("scheduler", "steps"), ("model", "sample_size"), ("data", "size"), ("optim", "lr")}
+UNIT_INTERVAL = {("train", "caption_dropout"), ("train", "ema_decay"), ("data", "two_object_prob")}
+
+
+def _coerce(value, tp, where: str):
+    """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool) or tp is int and isinstance(value, bool) \
+            or not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key {path!r}; allowed keys{' in ' + where if where else ''}: {', '.join(names)}")
+        tp = hints[key]
+        kwargs[key] = _build(tp, value, path) if dataclasses.is_dataclass(tp) else _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{section}.{key}={value!r} is not allowed; choose one of {allowed}")
+    for section, key in POSITIVE:
+        value = getattr(getattr(cfg, section), key)
+        if value <= 0:
+            raise ConfigError(f"{section}.{key}={value!r} must be > 0")
+    for section, key in UNIT_INTERVAL:
+        value = getattr(getattr(cfg, section), key)
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{section}.{key}={value!r} must be in [0, 1]")
+    from .schedulers import SCHEDULERS
+
+    if cfg.scheduler.sampler not in SCHEDULERS:
+        raise ConfigError(f"scheduler.sampler={cfg.scheduler.sampler!r} is not allowed; choose one of {tuple(SCHEDULERS)}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):  # YAML reads 3e-4 as a string; numbers the way users write them
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip().lstrip("-").split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment file (or the defaults), apply `section.key=value` overrides, and validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must contain a mapping of sections")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return validate(_build(ExperimentConfig, data, ""))
+
+
+def to_dict(cfg) -> dict:
+    """Plain-YAML-serialisable dict of a config (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def overrides_from_argv(argv: list[str]) -> list[str]:
+    """Command-line overrides -> 'section.key=value' strings. Accepts `--train.lr 3e-4`, `--train.lr=3e-4`
+    and `train.lr=3e-4`."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if "=" in arg:
+            out.append(arg.lstrip("-"))
+        elif arg.startswith("--") and "." in arg and i + 1 < len(argv):
+            out.append(f"{arg[2:]}={argv[i + 1]}")
+            i += 1
+        else:
+            raise ConfigError(f"cannot read override {arg!r}; write --section.key VALUE or section.key=VALUE")
+        i += 1
+    return out

@@ -1,0 +1,169 @@
+"""DiffXAttnPipeline: prompt -> CLIP text embeddings -> UNet denoising loop in pixel space -> images.
+
+A plain diffusers `DiffusionPipeline` with four components (unet, text_encoder, tokenizer, scheduler),
+saved in diffusers' folder format. `import diffxattn` makes the class resolvable by name, so
+`diffusers.DiffusionPipeline.from_pretrained(folder)` loads a saved pipeline without running any code
+from the folder (no `trust_remote_code`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from .models import text as text_mod
+
+
+class DiffXAttnPipeline(DiffusionPipeline):
+    """Text-to-image sampling with classifier-free guidance.
+
+    Example:
+        >>> pipe = DiffXAttnPipeline.from_pretrained("pipelines/shapes-32")
+        >>> image = pipe("a red circle at the left", generator=torch.Generator().manual_seed(0)).images[0]
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet"
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, default_steps: int = 30,
+                 default_guidance_scale: float = 1.0):
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self.register_to_config(default_steps=default_steps, default_guidance_scale=default_guidance_scale)
+        self._guidance_scale = default_guidance_scale
+
+    # -- properties the attention tools read (same names as diffusers' StableDiffusionPipeline) --
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings (B, S, D) and key mask (B, S) for a list of prompts ("" = unconditional)."""
+        ids, mask = text_mod.tokenize(self.tokenizer, prompts)
+        embeds = text_mod.encode(self.text_encoder, ids)
+        return embeds.to(self.unet.dtype), mask.to(embeds.device)
+
+    def check_inputs(self, prompts: list[str], negative: list[str] | None, height: int, width: int, steps: int) -> None:
+        if not prompts:
+            raise ValueError("prompt is an empty list; give at least one prompt (\"\" for an unconditional image)")
+        if negative is not None and len(negative) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negative)} entries but prompt has {len(prompts)}; "
+                             "give one negative prompt, or one per prompt")
+        f = self.downsample_factor
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % f:
+                raise ValueError(f"{name}={value} must be a positive multiple of the UNet's down-sampling factor {f}")
+        if steps < 1:
+            raise ValueError(f"num_inference_steps={steps} must be >= 1")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        step_prompt_embeds: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+        callback_on_step_end: Callable[["DiffXAttnPipeline", int, torch.Tensor, dict], dict | None] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate images.
+
+        `prompt_embeds`/`prompt_attention_mask` replace the text encoder's output (used by prompt weighting);
+        `step_prompt_embeds(step)` may return other conditional embeddings for a given step (prompt editing over
+        steps); `callback_on_step_end(pipe, step, timestep, {"latents": x})` may return {"latents": new}.
+        `generator` may be a list with one generator per image, so an image's bits do not depend on its batch.
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type={output_type!r}; expected 'pil', 'np' or 'pt'")
+        steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
+        self._guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
+        size = self.unet.config.sample_size
+        height = size if height is None else height
+        width = size if width is None else width
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt if prompt is not None else [])
+        else:
+            prompts = [""] * prompt_embeds.shape[0]
+        negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        self.check_inputs(prompts, negative, height, width, steps)
+        if isinstance(generator, list) and len(generator) != len(prompts) * num_images_per_prompt:
+            raise ValueError(f"got {len(generator)} generators for {len(prompts) * num_images_per_prompt} images")
+        device = self._execution_device
+
+        if prompt_embeds is None:
+            prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts)
+        if prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.bool, device=prompt_embeds.device)
+        cond = self._repeat(prompt_embeds, prompt_attention_mask, num_images_per_prompt)
+        uncond = None
+        if self.do_classifier_free_guidance:
+            if negative_prompt_embeds is None:
+                negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(negative or [""] * len(prompts))
+            uncond = self._repeat(negative_prompt_embeds, negative_prompt_attention_mask, num_images_per_prompt)
+
+        batch = cond[0].shape[0]
+        shape = (batch, self.unet.config.in_channels, height, width)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        self.scheduler.set_timesteps(steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        self._num_timesteps = len(self.scheduler.timesteps)
+        # stochastic samplers (DDPM, ancestral) draw their step noise from the same per-image generators
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            step_cond = step_prompt_embeds(i) if step_prompt_embeds is not None else None
+            c_emb, c_mask = self._repeat(*step_cond, num_images_per_prompt) if step_cond is not None else cond
+            x_in = self.scheduler.scale_model_input(latents, t)
+            if uncond is not None:
+                emb, mask = torch.cat([uncond[0], c_emb]), torch.cat([uncond[1], c_mask])
+                pred_u, pred_c = self._predict(torch.cat([x_in, x_in]), t, emb, mask).chunk(2)
+                pred = pred_u + self._guidance_scale * (pred_c - pred_u)
+            else:
+                pred = self._predict(x_in, t, c_emb, c_mask)
+            latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                out = callback_on_step_end(self, i, t, {"latents": latents})
+                if out and "latents" in out:
+                    latents = out["latents"]
+
+        images = self.postprocess(latents, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
+
+    @staticmethod
+    def _repeat(embeds: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return embeds.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
+
+    @staticmethod
+    def postprocess(x: torch.Tensor, output_type: str = "pil"):
+        """Model space [-1, 1] (B, C, H, W) -> 'pt' (B, C, H, W) in [0, 1], 'np' (B, H, W, C) float, or PIL list."""
+        x = (x.float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return x
+        arr = x.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return arr
+        return [Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in arr]

@@ -1,0 +1,43 @@
+"""Tiny models the tests build themselves (nothing is downloaded: HF_HUB_OFFLINE=1)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from diffxattn import DiffXAttnPipeline, XAttnUNet, make_scheduler
+from diffxattn.models import text as text_mod
+
+CAPTIONS = [
+    "a red circle at the left", "a blue square at the right", "a small green triangle above a red circle",
+    "a large yellow diamond", "a purple circle left of an orange square", "a blue circle below a red square",
+]
+
+
+def tiny_unet(**kw) -> XAttnUNet:
+    args = dict(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, cross_attention_resolutions=(16, 8),
+                self_attention_resolutions=(8,), num_heads=2, cross_attention_dim=32)
+    args.update(kw)
+    torch.manual_seed(0)
+    return XAttnUNet(**args)
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory):
+    tokenizer = text_mod.build_tokenizer(CAPTIONS, tmp_path_factory.mktemp("tokenizer"), max_length=16)
+    encoder = text_mod.build_text_encoder(tokenizer, hidden_size=32, num_layers=1, num_heads=2)
+    return tokenizer, encoder
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_text) -> DiffXAttnPipeline:
+    tokenizer, encoder = tiny_text
+    pipe = DiffXAttnPipeline(tiny_unet(), encoder, tokenizer, make_scheduler("ddim"), default_steps=4)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seeded(seed: int = 0, n: int = 1):
+    return [torch.Generator().manual_seed(seed + k) for k in range(n)]

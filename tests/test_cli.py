@@ -1,0 +1,36 @@
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from diffxattn.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "diffxattn.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_build_then_generate_from_the_command_line(tmp_path, tiny_pipe):
+    assert main(["build", "configs/tiny.yaml", "-o", str(tmp_path / "pipe"), "text.vocab_captions=200"]) == 0
+    out = tmp_path / "img.png"
+    assert main(["generate", "a red circle", "--pipeline", str(tmp_path / "pipe"), "--seed", "1", "--steps", "2",
+                 "-o", str(out)]) == 0
+    img = np.asarray(Image.open(out))
+    assert img.shape == (16, 16, 3)
+    assert main(["generate", "a red circle", "--pipeline", str(tmp_path / "pipe"), "--seed", "1", "--steps", "2",
+                 "-n", "2", "--scale", "4", "-o", str(out)]) == 0
+    first = np.asarray(Image.open(tmp_path / "img-0.png"))
+    assert first.shape == (64, 64, 3)
+    assert np.array_equal(first[::4, ::4], img)  # image 0 of a batch = the single image with the same seed
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, tiny_pipe):
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    r = run_cli("generate", "a red circle", "--pipeline", str(tmp_path / "pipe"), "--scheduler", "nope")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "unknown scheduler 'nope'; known schedulers: ddpm, ddim" in r.stderr
+    r = run_cli("generate", "a red circle", "--pipeline", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "pipeline folder" in r.stderr and "does not exist" in r.stderr
+    r = run_cli("generate", "x", "--pipeline", str(tmp_path / "pipe"), "--height", "15")
+    assert r.returncode == 2 and "height=15" in r.stderr
