@@ -27,6 +27,11 @@ def load_pipeline(path: str | None, scheduler: str | None = None):
     from .pipeline import DiffXAttnPipeline
     from .schedulers import make_scheduler
 
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     path = path or default_pipeline()
     if not Path(path).is_dir():
         raise FileNotFoundError(f"pipeline folder {path!r} does not exist (give --pipeline PATH)")
@@ -67,6 +72,33 @@ def cmd_generate(args) -> None:
         print(path)
 
 
+def step_range(text: str) -> tuple:
+    """'A:B' -> (A, B): integers are step indices (B exclusive), decimals are fractions of the run."""
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise ValueError(f"--steps {text!r}: expected START:END, e.g. 0:10 or 0.2:1.0")
+    try:
+        values = [float(p) if "." in p else int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--steps {text!r}: START and END must be numbers") from None
+    if isinstance(values[0], float) or isinstance(values[1], float):
+        values = [float(v) for v in values]
+    return tuple(values)
+
+
+def cmd_heatmap(args) -> None:
+    from .control import AttentionStore
+    from .heatmaps import export
+
+    pipe = load_pipeline(args.pipeline, args.scheduler)
+    with AttentionStore(pipe, resolutions=args.resolutions, layers=args.layers, blocks=args.blocks,
+                        steps=step_range(args.steps), per_layer=True) as store:
+        image = pipe(args.prompt, num_inference_steps=args.num_steps, guidance_scale=args.guidance,
+                     generator=generators(args.seed, 1)).images[0]
+    meta = export(args.out, store, image, args.prompt, seed=args.seed, scale=args.scale)
+    print(f"{args.out}: {len(meta['words'])} word maps ({', '.join(meta['words'])}); open {args.out}/index.html")
+
+
 def cmd_build(args) -> None:
     from .build import build_pipeline
     from .config import load_config, overrides_from_argv
@@ -97,6 +129,21 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--scale", type=int, default=1, help="enlarge the saved PNG by this factor (nearest)")
     g.add_argument("-o", "--out", default="out.png")
     g.set_defaults(func=cmd_generate)
+
+    h = sub.add_parser("heatmap", help="per-word cross-attention heatmaps: PNGs, raw maps, an HTML viewer")
+    h.add_argument("prompt")
+    h.add_argument("--pipeline", help=f"pipeline folder (default: {DEFAULT_PIPELINE})")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--num-steps", type=int, help="denoising steps (default: the pipeline's)")
+    h.add_argument("--guidance", type=float)
+    h.add_argument("--scheduler")
+    h.add_argument("--steps", default="0:1.0", help="step range to aggregate, START:END (indices or fractions)")
+    h.add_argument("--resolutions", type=int, nargs="+", help="map resolutions to use, e.g. 16 8 (default: all)")
+    h.add_argument("--layers", nargs="+", help="keep layers whose name contains one of these, e.g. up_blocks")
+    h.add_argument("--blocks", nargs="+", choices=("down", "mid", "up"))
+    h.add_argument("--scale", type=int, default=8, help="enlargement of the overlay PNGs")
+    h.add_argument("-o", "--out", required=True)
+    h.set_defaults(func=cmd_heatmap)
 
     b = sub.add_parser("build", help="build and save an untrained pipeline from a YAML config")
     b.add_argument("config")

@@ -1,0 +1,227 @@
+"""AttentionStore: capture cross-attention while sampling and read it back per token or per word.
+
+    with AttentionStore(pipe, resolutions=(16, 8), steps=(0, 1.0)) as store:
+        image = pipe("a red circle left of a blue square").images[0]
+    maps = store.word_maps()   # {"red": (H, W) tensor, "circle": ..., ...}
+
+Maps are summed while sampling (per resolution; optionally per step bin and per layer), so memory does
+not grow with the number of steps. Only the conditional half of a guidance batch is captured.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from .. import prompts as prompt_syntax
+from .processor import AttnCall, ControllerContext
+
+NORMALIZATIONS = ("none", "minmax", "share")
+
+
+class AttentionStore(ControllerContext):
+    """Aggregated cross-attention probabilities of selected layers and steps.
+
+    resolutions: query-map heights to keep (e.g. (16, 8)); None = all.
+    layers: keep layers whose name contains any of these strings; None = all.
+    blocks: subset of ("down", "mid", "up"); None = all.
+    steps: (start, end) step indices (ints, end exclusive) or fractions of the run (floats), inclusive start.
+    heads: "mean" (average heads while capturing) or "each" (keep every head).
+    step_bins: number of step bins kept for per-step views (the viewer's slider); 0 = none.
+    per_layer: also keep one map per layer (summed over steps).
+    """
+
+    def __init__(self, pipe, *, resolutions=None, layers=None, blocks=None, steps=(0, 1.0), heads: str = "mean",
+                 step_bins: int = 10, per_layer: bool = False):
+        super().__init__(pipe)
+        if heads not in ("mean", "each"):
+            raise ValueError(f"heads={heads!r}; expected 'mean' or 'each'")
+        if blocks is not None and not set(blocks) <= {"down", "mid", "up"}:
+            raise ValueError(f"blocks={tuple(blocks)!r}; expected a subset of ('down', 'mid', 'up')")
+        if len(steps) != 2 or steps[0] > steps[1]:
+            raise ValueError(f"steps={tuple(steps)!r}; expected (start, end) with start <= end")
+        self.resolutions = None if resolutions is None else set(resolutions)
+        self.layers, self.blocks, self.steps, self.heads = layers, blocks, tuple(steps), heads
+        self.step_bins, self.per_layer = step_bins, per_layer
+        self.prompts: list[str] | None = None
+        self.reset()
+
+    # -- capture --
+    def reset(self) -> None:
+        self.sums: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> (rows, heads|1, h*w, S)
+        self.counts: dict[tuple[int, int], int] = defaultdict(int)
+        self.bin_sums: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}  # (bin, (h, w)) -> (rows, h*w, S)
+        self.bin_counts: dict[tuple[int, tuple[int, int]], int] = defaultdict(int)
+        self.layer_sums: dict[str, torch.Tensor] = {}  # layer -> (rows, h*w, S)
+        self.layer_counts: dict[str, int] = defaultdict(int)
+        self.layer_hw: dict[str, tuple[int, int]] = {}
+        self.steps_seen: set[int] = set()
+        self.num_steps = 0
+        self._last_step = -1
+
+    def in_steps(self, call: AttnCall) -> bool:
+        start, end = self.steps
+        if isinstance(start, int) and isinstance(end, int):
+            return start <= call.step < end
+        return start <= call.fraction < end or (end >= 1.0 and call.step == call.num_steps - 1)
+
+    def wants(self, call: AttnCall) -> bool:
+        return (call.cross
+                and (self.resolutions is None or call.height in self.resolutions)
+                and (self.blocks is None or call.block in self.blocks)
+                and (self.layers is None or any(s in call.layer for s in self.layers))
+                and self.in_steps(call))
+
+    def observe(self, call: AttnCall, probs: torch.Tensor) -> None:
+        if call.step < self._last_step:  # a new sampling run inside the same `with` block
+            self.reset()
+        self._last_step, self.num_steps, self._latent = call.step, call.num_steps, call.latent
+        self.steps_seen.add(call.step)
+        p = probs.detach().float()  # (rows, heads, N, S)
+        key = (call.height, call.width)
+        kept = p.mean(1, keepdim=True) if self.heads == "mean" else p
+        self.sums[key] = self.sums[key] + kept if key in self.sums else kept.clone()
+        self.counts[key] += 1
+        mean_heads = p.mean(1)  # (rows, N, S)
+        if self.step_bins:
+            b = (call.step * self.step_bins) // max(call.num_steps, 1)
+            k = (b, key)
+            self.bin_sums[k] = self.bin_sums[k] + mean_heads if k in self.bin_sums else mean_heads.clone()
+            self.bin_counts[k] += 1
+        if self.per_layer:
+            ls = self.layer_sums
+            ls[call.layer] = ls[call.layer] + mean_heads if call.layer in ls else mean_heads.clone()
+            self.layer_counts[call.layer] += 1
+            self.layer_hw[call.layer] = key
+
+    def begin(self, pipe) -> None:
+        # Record the prompts of each run: wrap encode_prompt on the instance (removed again in end()).
+        original = pipe.encode_prompt
+        self._fresh = True
+
+        def recording_encode_prompt(*args, **kwargs):
+            prompt = args[0] if args else kwargs.get("prompt", kwargs.get("prompts"))
+            if self._fresh and prompt is not None:
+                self.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+                self._fresh = False
+            return original(*args, **kwargs)
+
+        pipe.encode_prompt = recording_encode_prompt
+
+    def end(self) -> None:
+        self.pipe.__dict__.pop("encode_prompt", None)
+
+    def nbytes(self) -> int:
+        """Memory held by the captured maps."""
+        tensors = [*self.sums.values(), *self.bin_sums.values(), *self.layer_sums.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # -- read back --
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the generated image: the UNet input size times the VAE factor (1 in pixel space)."""
+        if not self.sums:
+            raise ValueError("the store holds no attention maps: run the pipeline inside the `with` block, and "
+                             f"check the selection (resolutions={self.resolutions}, steps={self.steps})")
+        f = getattr(self.pipe, "vae_scale_factor", 1)
+        return self._latent[0] * f, self._latent[1] * f
+
+    def _upsample(self, maps: torch.Tensor, hw: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """(..., h*w, S) -> (..., S, H, W) bilinearly upsampled to the image size."""
+        *lead, n, s = maps.shape
+        x = maps.reshape(-1, hw[0], hw[1], s).permute(0, 3, 1, 2)  # (B, S, h, w)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x.reshape(*lead, s, *size)
+
+    def _combine(self, sums: dict, counts: dict, index: int, size) -> torch.Tensor:
+        """Average over layers per resolution, upsample, then average the resolutions: (S, H, W)."""
+        per_res = [self._upsample(sums[k][index] / counts[k], k, size) for k in sorted(sums, reverse=True)]
+        return torch.stack(per_res).mean(0)
+
+    def token_maps(self, index: int = 0, size: tuple[int, int] | None = None, head: int | None = None) -> torch.Tensor:
+        """Per-token maps (S, H, W) of image `index`, upsampled to the image size (or `size`)."""
+        size = size or self.image_size
+        sums = {k: (v[:, head] if head is not None else v.mean(1)) for k, v in self.sums.items()}
+        return self._combine(sums, self.counts, index, size)
+
+    def step_token_maps(self, index: int = 0, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Per step bin, per-token maps (bins, S, H, W); bins without captured steps are zero."""
+        size = size or self.image_size
+        out = []
+        for b in range(self.step_bins):
+            keys = {k[1]: v for k, v in self.bin_sums.items() if k[0] == b}
+            if keys:
+                counts = {k[1]: c for k, c in self.bin_counts.items() if k[0] == b}
+                out.append(self._combine(keys, counts, index, size))
+        if not out:
+            raise ValueError("no per-step maps were kept (step_bins=0 or no steps captured)")
+        return torch.stack(out)
+
+    def layer_token_maps(self, index: int = 0, size: tuple[int, int] | None = None) -> tuple[list[str], torch.Tensor]:
+        """(layer names, per-layer per-token maps (L, S, H, W)); needs per_layer=True."""
+        if not self.layer_sums:
+            raise ValueError("per-layer maps were not kept: create the store with per_layer=True")
+        size = size or self.image_size
+        names = list(self.layer_sums)
+        maps = [self._upsample(self.layer_sums[n][index] / self.layer_counts[n], self.layer_hw[n], size) for n in names]
+        return names, torch.stack(maps)
+
+    def words(self, index: int = 0, prompt: str | None = None) -> list[tuple[str, list[int]]]:
+        """(word, token positions) for the prompt of image `index`; BOS/EOS/padding and truncated words excluded."""
+        prompt = prompt if prompt is not None else self._prompt(index)
+        max_pos = next(iter(self.sums.values())).shape[-1] - 1  # last position is EOS at the earliest
+        pairs = prompt_syntax.word_token_map(prompt_syntax.clean_text(prompt), self.pipe.tokenizer)
+        return [(w, [p for p in pos if p < max_pos]) for w, pos in pairs if pos and pos[0] < max_pos]
+
+    def _prompt(self, index: int) -> str:
+        if not self.prompts:
+            raise ValueError("the store does not know the prompt; pass prompt=...")
+        per_prompt = max(1, self._rows() // len(self.prompts))
+        return self.prompts[min(index // per_prompt, len(self.prompts) - 1)]
+
+    def _rows(self) -> int:
+        return next(iter(self.sums.values())).shape[0]
+
+    def word_maps(self, index: int = 0, prompt: str | None = None, normalize: str = "none",
+                  size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """{word: (H, W)} for image `index`; a word of several tokens is the mean of its tokens' maps.
+
+        A repeated word is keyed "word", "word#2", ...; normalize: "none", "minmax" (per word to [0, 1])
+        or "share" (each pixel's attention split across the prompt's words).
+        """
+        tokens = self.token_maps(index, size)
+        return words_to_maps(self.words(index, prompt), tokens, normalize)
+
+    def word_map(self, word: str, occurrence: int = 1, index: int = 0, **kw) -> torch.Tensor:
+        """The map of the `occurrence`-th (1-based) appearance of `word`."""
+        key = word if occurrence == 1 else f"{word}#{occurrence}"
+        maps = self.word_maps(index, **kw)
+        if key not in maps:
+            raise KeyError(f"{word!r} (occurrence {occurrence}) is not in the prompt's words: {list(maps)}")
+        return maps[key]
+
+
+def word_keys(words: list[str]) -> list[str]:
+    """Unique keys for the words of a prompt: repeated words get '#2', '#3', ..."""
+    seen: dict[str, int] = defaultdict(int)
+    keys = []
+    for w in words:
+        seen[w] += 1
+        keys.append(w if seen[w] == 1 else f"{w}#{seen[w]}")
+    return keys
+
+
+def words_to_maps(words: list[tuple[str, list[int]]], tokens: torch.Tensor, normalize: str = "none"
+                  ) -> dict[str, torch.Tensor]:
+    """Per-token maps (S, ...) -> {word key: map}, each word the mean over its token positions."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize={normalize!r}; expected one of {NORMALIZATIONS}")
+    maps = [tokens[pos].mean(0) for _, pos in words]
+    if normalize == "share" and maps:
+        total = torch.stack(maps).sum(0).clamp_min(1e-12)
+        maps = [m / total for m in maps]
+    elif normalize == "minmax":
+        maps = [(m - m.min()) / (m.max() - m.min()).clamp_min(1e-12) for m in maps]
+    return dict(zip(word_keys([w for w, _ in words]), maps))
