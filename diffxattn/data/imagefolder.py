@@ -35,7 +35,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size={size!r} is invalid: expected a positive int")
         self.root = Path(root)
-        self.size, self.center_crop, self.random_flip, self.caption_seed = size, center_crop, random_flip, caption_seed
+        self.size, self.center_crop, self.random_flip = size, center_crop, random_flip
+        self.caption_seed = caption_seed
         self.entries = _read_metadata(self.root)  # [(image path, captions)]
 
     def __len__(self) -> int:

@@ -33,13 +33,15 @@ __all__ = [
 # Where a single object's center sits, as fractions of the image (x, y). The detector reads a
 # position back as the nearest anchor, so jitter stays well inside half the anchor spacing.
 POSITION_ANCHORS: dict[str, tuple[float, float]] = {
-    "left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75), "center": (0.5, 0.5),
+    "left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75),
+    "center": (0.5, 0.5),
 }
 # Where object i+1 lies from object i when "object i <relation> object i+1" (image y points down).
 _DIRECTIONS = {"left of": (1, 0), "right of": (-1, 0), "above": (0, 1), "below": (0, -1)}
 # Bounding-box extent at 32x32, scaled with the image: large enough to tell shapes apart, small
 # enough that two large objects fit side by side with a gap.
 _EXTENT_AT_32 = {"small": 8.0, "large": 13.0}
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 _JITTER = 0.06  # of the image size: single-object centers move this far from their anchor
 _CLEAR_RATIO = 2.5  # a relation's primary offset is >= this times its perpendicular offset
 _SPLITS = ("train", "test")
@@ -135,7 +137,8 @@ def sample_scene(config: ShapesConfig, index: int) -> Scene:
                     for (c, sh), z, (x, y), r in zip(pairs, sizes, centers, radii))
     if n == 1 and rng.random() < 0.15:
         position = None  # some captions say nothing about where
-    said = [{"color": o.color, "shape": o.shape, "size": o.size if rng.random() < 0.5 else None} for o in objects]
+    said = [{"color": o.color, "shape": o.shape, "size": o.size if rng.random() < 0.5 else None}
+            for o in objects]  # the size word is optional
     words, owners = build_caption(said, position, relations, rng.integers)
     return Scene(objects, " ".join(words), tuple(owners), config.size, position, tuple(relations))
 
@@ -146,7 +149,7 @@ def _sample_layout(size: int, n: int, rng: np.random.Generator):
         # Big objects or long chains may not fit: shrink first, then redraw the relations.
         sizes = ["small" if attempt > 0 or rng.random() < 0.5 else "large" for _ in range(n)]
         if attempt != 1:
-            relations = [RELATIONS[rng.integers(len(RELATIONS))] for _ in range(n - 1)]
+            relations = _sample_relations(n - 1, rng)
         radii = [_EXTENT_AT_32[z] * size / 64 for z in sizes]
         if n == 1:
             position, center = _single_center(radii[0], rng, size)
@@ -155,6 +158,16 @@ def _sample_layout(size: int, n: int, rng: np.random.Generator):
         if centers is not None:
             return sizes, radii, centers, None, relations
     raise RuntimeError(f"could not lay out {n} objects in {size}x{size}")  # pragma: no cover
+
+
+def _sample_relations(n: int, rng: np.random.Generator) -> list[str]:
+    """A chain that never folds back ("A left of B right of C" would stack A and C on one side
+    of B, where they rarely fit and the caption says nothing about A vs C)."""
+    relations: list[str] = []
+    for _ in range(n):
+        options = [r for r in RELATIONS if not relations or r != _OPPOSITE[relations[-1]]]
+        relations.append(options[rng.integers(len(options))])
+    return relations
 
 
 def _sample_count(config: ShapesConfig, rng: np.random.Generator) -> int:
@@ -352,8 +365,9 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} scenes")
         scene = sample_scene(self.config, index)
         image, masks = render(scene)
-        pixels = image.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)  # (3, H, W)
-        return {"pixel_values": torch.from_numpy(pixels), "text": scene.caption, "masks": torch.from_numpy(masks),
+        pixels = image.transpose(2, 0, 1).astype(np.float32) / np.float32(127.5) - np.float32(1)  # (3, H, W)
+        return {"pixel_values": torch.from_numpy(pixels), "text": scene.caption,
+                "masks": torch.from_numpy(masks),
                 "word_objects": list(scene.word_objects), "index": int(index)}
 
     def captions(self, n: int) -> list[str]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.captions import COLORS, SHAPES, parse_caption_words
+from ..data.captions import COLORS, parse_caption_words
 from ..data.shapes import POSITION_ANCHORS, shape_sdf
 
 __all__ = ["DetectorConfig", "Detection", "detect", "position_of", "relation_holds", "score_prompt"]
@@ -42,7 +42,7 @@ class DetectorConfig:
     edge: float = 0.5  # an object's pixels are those above this fraction of its own brightness
     color_tolerance: float = 0.45  # farther than this from every palette color: color None
     min_area: float = 0.006  # components under this fraction of the image are specks
-    min_shape_iou: float = 0.5  # best template IoU below this: shape None
+    min_shape_iou: float = 0.5  # best soft IoU with an ideal shape below this: shape None
 
 
 @dataclass
@@ -157,7 +157,7 @@ def _classify_shape(cover: np.ndarray) -> tuple[str, float]:
 def position_of(det: Detection, size: int) -> str:
     """Position word of the region (anchor) nearest to the detection's center."""
     x, y = det.center[0] / size, det.center[1] / size
-    return min(POSITION_ANCHORS, key=lambda p: (POSITION_ANCHORS[p][0] - x) ** 2 + (POSITION_ANCHORS[p][1] - y) ** 2)
+    return min(POSITION_ANCHORS, key=lambda p: np.hypot(*np.subtract(POSITION_ANCHORS[p], (x, y))))
 
 
 def relation_holds(a: Detection, b: Detection, relation: str) -> bool:

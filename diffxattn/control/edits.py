@@ -1,0 +1,217 @@
+"""Editing controllers: attention reweighting, prompt-to-prompt word swap / refine, local blend.
+
+Prompt-to-prompt (Hertz et al. 2022) samples the source and the edited prompt in one batch from the
+same noise; while sampling, the edited prompt's attention maps are replaced by the source's, so the
+layout stays and only what the changed words say changes.
+
+    with PromptToPrompt(pipe, "a red circle at the left", "a blue circle at the left") as p2p:
+        source, edited = pipe(p2p.prompts, generator=[g(0), g(0)]).images
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import prompts as prompt_syntax
+from .processor import AttnCall, ControllerContext
+
+
+def in_range(call: AttnCall, steps: tuple) -> bool:
+    """Whether the call's step lies in (start, end): ints are step indices (end exclusive), floats fractions."""
+    start, end = steps
+    if isinstance(start, int) and isinstance(end, int) and not isinstance(start, bool):
+        return start <= call.step < end
+    return start <= call.fraction < end
+
+
+class AttentionReweight(ControllerContext):
+    """Scale the cross-attention probabilities of chosen tokens (prompt-to-prompt's reweight).
+
+    weights: (rows, S) per conditional row and token position (1 = unchanged), or a function
+    step -> (rows, S) for weights that change over steps. With weight 1 everywhere the image is bit-identical
+    to no reweighting.
+    """
+
+    edits = True
+
+    def __init__(self, pipe, weights: torch.Tensor | Callable[[int], torch.Tensor], steps: tuple = (0, 1.0)):
+        super().__init__(pipe)
+        self.weights, self.steps = weights, steps
+
+    def wants(self, call: AttnCall) -> bool:
+        return call.cross and in_range(call, self.steps)
+
+    def edit(self, call: AttnCall, probs: torch.Tensor) -> torch.Tensor:
+        w = self.weights(call.step) if callable(self.weights) else self.weights
+        rows = probs.shape[0] - call.cond_start
+        w = w.to(probs.device, probs.dtype).repeat_interleave(rows // w.shape[0], dim=0)  # images per prompt
+        out = probs.clone()
+        out[call.cond_start:] = probs[call.cond_start:] * w[:, None, None, :]
+        return out
+
+
+def token_mapper(tokenizer, source: str, target: str) -> tuple[torch.Tensor, bool]:
+    """For each target token position, the source position whose attention it takes (-1: its own).
+
+    Same number of tokens -> a word swap (position j takes source position j). Otherwise -> refine:
+    tokens are aligned with difflib; equal runs and same-length replacements map position by position,
+    inserted words keep their own attention. Returns (mapper (S,), is_swap).
+    """
+    src = tokenizer(prompt_syntax.clean_text(source)).input_ids
+    tgt = tokenizer(prompt_syntax.clean_text(target)).input_ids
+    size = tokenizer.model_max_length
+    if len(src) == len(tgt):
+        return torch.arange(size), True
+    mapper = torch.full((size,), -1, dtype=torch.long)
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, src, tgt, autojunk=False).get_opcodes():
+        if tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1):
+            mapper[j1:j2] = torch.arange(i1, i2)
+    # padding after the target's EOS attends like the source's padding
+    tail = torch.arange(len(tgt), size)
+    mapper[len(tgt):] = (tail - len(tgt) + len(src)).clamp(max=size - 1)
+    return mapper[:size], False
+
+
+class PromptToPrompt(ControllerContext):
+    """Edit an image by editing its prompt, keeping the layout (word swap, refine, reweight).
+
+    cross_replace: step range (or fraction (0, f)) in which the target's cross-attention maps come from the
+    source; or a dict {word: range} per target word, others using the `"default"` entry.
+    self_replace: step range in which the target's self-attention maps come from the source.
+    weights: optional {target word: weight} applied on top (prompt-to-prompt's reweight edit).
+    The batch must be [source, target] conditional rows: use `pipe(p2p.prompts, ...)`.
+    """
+
+    edits = True
+
+    def __init__(self, pipe, source: str, target: str, *, cross_replace=(0, 0.8), self_replace=(0, 0.4),
+                 weights: dict[str, float] | None = None):
+        super().__init__(pipe)
+        self.prompts = [source, target]
+        self.mapper, self.is_swap = token_mapper(pipe.tokenizer, source, target)
+        size = pipe.tokenizer.model_max_length
+        self.words = prompt_syntax.word_token_map(prompt_syntax.clean_text(target), pipe.tokenizer)
+        ranges = cross_replace if isinstance(cross_replace, dict) else {"default": cross_replace}
+        self.cross_ranges = [ranges.get("default", (0, 0.8))] * size
+        for word, pos in self.words:
+            if word in ranges:
+                for p in pos:
+                    self.cross_ranges[p] = ranges[word]
+        unknown = set(ranges) - {"default"} - {w for w, _ in self.words}
+        if unknown:
+            raise ValueError(f"cross_replace names {sorted(unknown)}, not words of the target prompt "
+                             f"{[w for w, _ in self.words]}")
+        self.self_replace = self_replace
+        self.token_weights = torch.ones(size)
+        for word, w in (weights or {}).items():
+            positions = [p for x, pos in self.words if x == word for p in pos]
+            if not positions:
+                raise ValueError(f"weights names {word!r}, not a word of the target prompt {[w for w, _ in self.words]}")
+            self.token_weights[positions] = w
+
+    def wants(self, call: AttnCall) -> bool:
+        if call.batch - call.cond_start != 2:
+            raise ValueError(f"prompt-to-prompt needs exactly a [source, target] batch, got "
+                             f"{call.batch - call.cond_start} conditional rows; call pipe(p2p.prompts)")
+        return call.cross or in_range(call, self.self_replace)
+
+    def edit(self, call: AttnCall, probs: torch.Tensor) -> torch.Tensor:
+        cs = call.cond_start
+        src, tgt = probs[cs], probs[cs + 1]  # (heads, N, S)
+        if call.cross:
+            replace = torch.tensor([in_range(call, r) for r in self.cross_ranges], device=probs.device)
+            replace &= self.mapper >= 0
+            taken = src[..., self.mapper.clamp_min(0)]  # the source's column for each target token
+            new = torch.where(replace, taken, tgt) * self.token_weights.to(probs)
+        else:
+            new = src
+        out = probs.clone()
+        out[cs + 1] = new
+        return out
+
+
+class LocalBlend(ControllerContext):
+    """Keep everything outside the edited words' region from the source image.
+
+    After each step, target latents become source + mask * (target - source), where the mask is where the
+    cross-attention maps of `words` (in source or target) exceed `threshold` of their maximum, from
+    `start` (fraction of the run) on. Use `callback_on_step_end=blend.callback` in the pipeline call.
+    """
+
+    def __init__(self, pipe, prompts: list[str], words: list[str], *, threshold: float = 0.3, start: float = 0.2,
+                 resolutions=None):
+        super().__init__(pipe)
+        self.threshold, self.start, self.resolutions = threshold, start, resolutions
+        self.positions = []
+        for prompt in prompts:
+            pairs = prompt_syntax.word_token_map(prompt_syntax.clean_text(prompt), pipe.tokenizer)
+            self.positions.append([p for w, pos in pairs if w in words for p in pos])
+        if not any(self.positions):
+            raise ValueError(f"local blend words {words} appear in neither prompt: {prompts}")
+        self.maps: list[torch.Tensor] = []
+        self.mask: torch.Tensor | None = None
+
+    def wants(self, call: AttnCall) -> bool:
+        return call.cross and (self.resolutions is None or call.height in self.resolutions)
+
+    def observe(self, call: AttnCall, probs: torch.Tensor) -> None:
+        h, w = call.height, call.width
+        rows = []
+        for r, pos in enumerate(self.positions):  # (heads, N, S) -> (h, w) for row r
+            m = probs[r][..., pos].sum(-1).mean(0) if pos else probs.new_zeros(h * w)
+            rows.append(m.reshape(1, 1, h, w))
+        self.maps.append(torch.cat(rows))
+        self.latent = call.latent
+
+    def callback(self, pipe, step: int, timestep, kwargs: dict) -> dict:
+        latents = kwargs["latents"]
+        if self.maps:
+            size = latents.shape[-2:]
+            maps = torch.stack([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                                for m in self.maps]).mean(0)  # (rows, 1, H, W)
+            maps = maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+            self.mask = (maps > self.threshold).any(0, keepdim=True).to(latents.dtype)  # union over source/target
+            self.maps = []
+        if self.mask is not None and step / max(pipe._num_timesteps, 1) >= self.start:
+            src, tgt = latents[0:1], latents[1:2]
+            latents = torch.cat([src, src + self.mask * (tgt - src)])
+        return {"latents": latents}
+
+
+# -- prompt weights as embeddings --
+def embedding_weights(pipe, prompts: list[str], mode: str = "compel") -> tuple[torch.Tensor, torch.Tensor]:
+    """Text embeddings with prompt weights applied to the token embeddings: (B, S, D), mask (B, S).
+
+    mode "compel": z_empty + w * (z - z_empty) per token (compel's blend towards the empty prompt);
+    mode "a1111": z * w, then rescaled so the mean over the prompt's embeddings is unchanged.
+    """
+    if mode not in ("compel", "a1111"):
+        raise ValueError(f"embedding weight mode {mode!r}; expected 'compel' or 'a1111'")
+    clean = [prompt_syntax.clean_text(p) for p in prompts]
+    weights = token_weight_rows(pipe.tokenizer, prompts)
+    z, mask = pipe.encode_prompt(clean)
+    w = weights.to(z)[..., None]  # (B, S, 1)
+    if mode == "compel":
+        z_empty, _ = pipe.encode_prompt([""] * len(prompts))
+        return torch.where(w == 1, z, z_empty + w * (z - z_empty)), mask  # weight 1 keeps z bit for bit
+    scaled = z * w
+    scaled = scaled * (z.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True))
+    return scaled, mask
+
+
+def token_weight_rows(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(B, S) weights per token position (BOS, EOS and padding 1), from each prompt's weight syntax."""
+    rows = torch.ones(len(prompts), tokenizer.model_max_length)
+    for i, prompt in enumerate(prompts):
+        _, weights, _ = prompt_syntax.token_weights(prompt, tokenizer)
+        kept = weights[: tokenizer.model_max_length - 2]
+        rows[i, 1:1 + len(kept)] = torch.tensor(kept)
+    return rows
+
+
+def has_weights(prompt: str) -> bool:
+    return any(r.weight != 1.0 for r in prompt_syntax.parse_weights(prompt))

@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import torch
+
+from diffxattn.control import AttentionStore
+from diffxattn.control.edits import AttentionReweight, PromptToPrompt, embedding_weights, token_mapper
+from diffxattn.editing import edit, generate
+from conftest import seeded
+
+KW = dict(output_type="np", guidance_scale=2.0)
+
+
+def test_attention_reweight_of_one_is_bit_identical(tiny_pipe):
+    plain = tiny_pipe("a red circle", generator=seeded(0), **KW).images
+    with AttentionReweight(tiny_pipe, torch.ones(1, 16)):
+        same = tiny_pipe("a red circle", generator=seeded(0), **KW).images
+    assert np.array_equal(plain, same)
+    assert np.array_equal(plain, generate(tiny_pipe, "a (red:1.0) circle", generator=seeded(0), **KW).images)
+    changed = generate(tiny_pipe, "a (red:1.8) circle", generator=seeded(0), **KW).images
+    assert not np.array_equal(plain, changed)
+
+
+def test_attention_reweight_changes_only_the_target_tokens_columns(tiny_pipe):
+    weights = torch.ones(1, 16)
+    weights[0, 2] = 2.5  # "red"
+    with AttentionStore(tiny_pipe, steps=(0, 1), per_layer=True) as plain:
+        tiny_pipe("a red circle", generator=seeded(0), **KW)
+    with AttentionStore(tiny_pipe, steps=(0, 1), per_layer=True) as store, AttentionReweight(tiny_pipe, weights):
+        tiny_pipe("a red circle", generator=seeded(0), **KW)
+    first = next(iter(plain.layer_sums))  # the first cross-attention layer of step 0 sees identical inputs
+    a, b = plain.layer_sums[first][0], store.layer_sums[first][0]  # (N, S)
+    torch.testing.assert_close(b[..., 2], a[..., 2] * 2.5)
+    cols = [i for i in range(16) if i != 2]
+    assert torch.equal(b[..., cols], a[..., cols])
+
+
+def test_embedding_weight_one_is_identical_and_weights_move_the_embedding(tiny_pipe):
+    z, _ = tiny_pipe.encode_prompt(["a red circle"])
+    for mode in ("compel", "a1111"):
+        same, _ = embedding_weights(tiny_pipe, ["a (red:1) circle"], mode)
+        assert torch.equal(same, z)
+    plain = tiny_pipe("a red circle", generator=seeded(0), **KW).images
+    one = generate(tiny_pipe, "a (red:1.0) circle", weight_mode="embedding", generator=seeded(0), **KW).images
+    assert np.array_equal(plain, one)
+    z2, _ = embedding_weights(tiny_pipe, ["a (red:2) circle"], "compel")
+    z_empty, _ = tiny_pipe.encode_prompt([""])
+    torch.testing.assert_close(z2[0, 2], z_empty[0, 2] + 2 * (z[0, 2] - z_empty[0, 2]))
+    torch.testing.assert_close(z2[0, 3], z[0, 3])
+
+
+def test_token_mapper_swap_and_refine(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    mapper, swap = token_mapper(tok, "a red circle", "a blue circle")
+    assert swap and mapper.tolist() == list(range(16))
+    mapper, swap = token_mapper(tok, "a red circle", "a large red circle")
+    assert not swap
+    assert mapper[:6].tolist() == [0, 1, -1, 2, 3, 4]  # BOS a [large] red circle EOS
+
+
+def test_word_swap_keeps_source_maps_and_changes_the_image(tiny_pipe):
+    src, tgt = edit(tiny_pipe, "a red circle", "a blue circle", num_inference_steps=4, output_type="np")
+    alone = tiny_pipe("a red circle", generator=seeded(0), output_type="np").images[0]
+    np.testing.assert_allclose(src, alone, atol=1e-5)  # the source row is an ordinary generation
+    assert not np.allclose(src, tgt)
+    with AttentionStore(tiny_pipe, steps=(0, 1)) as store, \
+            PromptToPrompt(tiny_pipe, "a red circle", "a blue circle", cross_replace=(0, 1.0)):
+        tiny_pipe(["a red circle", "a blue circle"], generator=seeded(0, 1) * 2)
+    for key in store.sums:  # the target's cross-attention maps are the source's
+        torch.testing.assert_close(store.sums[key][1], store.sums[key][0])
+
+
+def test_per_word_cross_replace_and_bad_word(tiny_pipe):
+    p2p = PromptToPrompt(tiny_pipe, "a red circle", "a blue circle", cross_replace={"default": (0, 1.0), "blue": (0, 0.25)})
+    assert p2p.cross_ranges[2] == (0, 0.25) and p2p.cross_ranges[3] == (0, 1.0)
+    with pytest.raises(ValueError, match="cross_replace names \\['green'\\]"):
+        PromptToPrompt(tiny_pipe, "a red circle", "a blue circle", cross_replace={"green": (0, 1.0)})
+
+
+def test_local_blend_keeps_pixels_outside_the_mask(tiny_pipe):
+    src, tgt = edit(tiny_pipe, "a red circle", "a blue circle", local_blend=["red", "blue"], blend_threshold=0.99,
+                    num_inference_steps=6, output_type="np")
+    assert not np.allclose(src, tgt)
+    from diffxattn.control.edits import LocalBlend  # the mask of the last step decides what was kept
+    with PromptToPrompt(tiny_pipe, "a red circle", "a blue circle"), \
+            LocalBlend(tiny_pipe, ["a red circle", "a blue circle"], ["red", "blue"], threshold=0.99) as blend:
+        s, t = tiny_pipe(["a red circle", "a blue circle"], generator=seeded(0, 1) * 2, num_inference_steps=6,
+                         callback_on_step_end=blend.callback, output_type="np").images
+    outside = blend.mask[0, 0].numpy() == 0
+    assert outside.any() and not outside.all()
+    assert np.abs(s - t)[outside].mean() < 2 / 255
+
+
+def test_prompt_editing_over_steps(tiny_pipe):
+    plain_red = generate(tiny_pipe, "a red circle", generator=seeded(0), num_inference_steps=4, **KW).images
+    switched = generate(tiny_pipe, "a [red:blue:2] circle", generator=seeded(0), num_inference_steps=4, **KW).images
+    never = generate(tiny_pipe, "a [red:blue:4] circle", generator=seeded(0), num_inference_steps=4, **KW).images
+    assert np.array_equal(never, plain_red) and not np.array_equal(switched, plain_red)
