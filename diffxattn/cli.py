@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -59,17 +60,56 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(n)]
 
 
+def save_image(image, path: Path, scale: int = 1) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), resample=0)
+    image.save(path)
+    print(path)
+
+
 def cmd_generate(args) -> None:
+    from .editing import generate
+
     pipe = load_pipeline(args.pipeline, args.scheduler)
-    images = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, num_images_per_prompt=args.n, generator=generators(args.seed, args.n),
-                  height=args.height, width=args.width).images
+    images = generate(pipe, args.prompt, weight_mode=args.weight_mode, negative_prompt=args.negative,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.n,
+                      generator=generators(args.seed, args.n), height=args.height, width=args.width).images
     for image, path in zip(images, output_paths(args.out, args.n)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if args.scale > 1:
-            image = image.resize((image.width * args.scale, image.height * args.scale), resample=0)
-        image.save(path)
-        print(path)
+        save_image(image, path, args.scale)
+
+
+def replace_range(text: str) -> tuple:
+    """'0.8' -> (0, 0.8) (a fraction of the run); 'A:B' -> step_range."""
+    return step_range(text) if ":" in text else (0, float(text))
+
+
+def cmd_edit(args) -> None:
+    from PIL import Image
+
+    from .control import AttentionStore
+    from .editing import edit
+    from .heatmaps import export
+
+    pipe = load_pipeline(args.pipeline, args.scheduler)
+    cross = {"default": replace_range(args.cross_replace)}
+    for item in args.cross_replace_word or []:
+        word, _, value = item.partition("=")
+        if not value:
+            raise ValueError(f"--cross-replace-word {item!r}: expected WORD=FRACTION or WORD=A:B")
+        cross[word] = replace_range(value)
+    with AttentionStore(pipe) if args.heatmaps else contextlib.nullcontext() as store:
+        source, edited = edit(pipe, args.source, args.to, cross_replace=cross, self_replace=replace_range(args.self_replace),
+                              local_blend=args.local_blend, seed=args.seed, num_inference_steps=args.steps,
+                              guidance_scale=args.guidance)
+    pair = Image.new("RGB", (source.width * 2, source.height))
+    pair.paste(source, (0, 0))
+    pair.paste(edited, (source.width, 0))
+    save_image(pair, Path(args.out), args.scale)
+    if store:
+        export(Path(args.heatmaps) / "source", store, source, args.source, seed=args.seed, index=0)
+        export(Path(args.heatmaps) / "edited", store, edited, args.to, seed=args.seed, index=1)
+        print(f"heatmaps: {args.heatmaps}/source, {args.heatmaps}/edited")
 
 
 def step_range(text: str) -> tuple:
@@ -127,8 +167,27 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
     g.add_argument("--scale", type=int, default=1, help="enlarge the saved PNG by this factor (nearest)")
+    g.add_argument("--weight-mode", default="attention", choices=("attention", "embedding", "embedding-a1111"),
+                   help="how (word:1.5) / word++ weights act: on cross-attention or on token embeddings")
     g.add_argument("-o", "--out", default="out.png")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("edit", help="prompt-to-prompt: edit an image by editing its prompt, keeping the layout")
+    e.add_argument("source")
+    e.add_argument("--to", required=True, help="the edited prompt (weights like (red:1.5) reweight shared words)")
+    e.add_argument("--pipeline", help=f"pipeline folder (default: {DEFAULT_PIPELINE})")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--steps", type=int)
+    e.add_argument("--guidance", type=float)
+    e.add_argument("--scheduler")
+    e.add_argument("--cross-replace", default="0.8", help="fraction of steps (0.8) or step range A:B")
+    e.add_argument("--cross-replace-word", nargs="+", metavar="WORD=RANGE", help="per-word cross-replace, e.g. blue=0.3")
+    e.add_argument("--self-replace", default="0.4", help="fraction of steps or A:B for self-attention maps")
+    e.add_argument("--local-blend", nargs="+", metavar="WORD", help="edit only where these words attend")
+    e.add_argument("--heatmaps", metavar="DIR", help="also export both heatmap sets into DIR/source, DIR/edited")
+    e.add_argument("--scale", type=int, default=1)
+    e.add_argument("-o", "--out", default="edit.png")
+    e.set_defaults(func=cmd_edit)
 
     h = sub.add_parser("heatmap", help="per-word cross-attention heatmaps: PNGs, raw maps, an HTML viewer")
     h.add_argument("prompt")

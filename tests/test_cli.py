@@ -34,3 +34,20 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, tiny_pipe):
     assert r.returncode == 2 and "pipeline folder" in r.stderr and "does not exist" in r.stderr
     r = run_cli("generate", "x", "--pipeline", str(tmp_path / "pipe"), "--height", "15")
     assert r.returncode == 2 and "height=15" in r.stderr
+
+
+def test_edit_and_weighted_generate_from_the_command_line(tmp_path, tiny_pipe):
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    pipe = str(tmp_path / "pipe")
+    out = tmp_path / "edit.png"
+    assert main(["edit", "a red circle", "--to", "a blue circle", "--pipeline", pipe, "--steps", "3",
+                 "--local-blend", "red", "blue", "--heatmaps", str(tmp_path / "maps"), "-o", str(out)]) == 0
+    pair = np.asarray(Image.open(out))
+    assert pair.shape == (16, 32, 3) and not np.array_equal(pair[:, :16], pair[:, 16:])
+    assert (tmp_path / "maps" / "edited" / "word-02-circle.png").is_file()
+    assert (tmp_path / "maps" / "source" / "index.html").is_file()
+    for mode in ("attention", "embedding"):
+        assert main(["generate", "a (red:1.5) [circle:square:0.5]", "--pipeline", pipe, "--steps", "3",
+                     "--weight-mode", mode, "-o", str(tmp_path / f"{mode}.png")]) == 0
+    r = run_cli("generate", "a (red:1.5 circle", "--pipeline", pipe)
+    assert r.returncode == 2 and "^" in r.stderr and "Traceback" not in r.stderr
