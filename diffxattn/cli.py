@@ -139,6 +139,15 @@ def cmd_heatmap(args) -> None:
     print(f"{args.out}: {len(meta['words'])} word maps ({', '.join(meta['words'])}); open {args.out}/index.html")
 
 
+def cmd_train_clip(args) -> None:
+    from .clip_pretrain import train_clip
+    from .config import load_config, overrides_from_argv
+
+    cfg = load_config(args.config, overrides_from_argv(args.overrides))
+    metrics = train_clip(cfg, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    print(f"saved the CLIP text encoder to {args.out} ({metrics}); train with text.pretrained={args.out} text.train=false")
+
+
 def cmd_build(args) -> None:
     from .build import build_pipeline
     from .config import load_config, overrides_from_argv
@@ -148,6 +157,22 @@ def cmd_build(args) -> None:
     pipe.save_pretrained(args.out)
     n = sum(p.numel() for p in pipe.unet.parameters())
     print(f"saved an untrained pipeline ({n / 1e6:.2f}M UNet parameters) to {args.out}")
+
+
+def cmd_eval(args) -> None:
+    import json
+
+    from .eval.run import evaluate, format_report
+
+    pipe = load_pipeline(args.pipeline)
+    report = evaluate(pipe, quick=args.quick, seeds=args.seeds, guidance_scales=args.guidance,
+                      steps=args.steps, sets=tuple(s.strip() for s in args.sets.split(",") if s.strip()),
+                      heatmaps=not args.no_heatmaps, edits=not args.no_edits,
+                      pipeline=args.pipeline or default_pipeline(), progress=sys.stderr.isatty())
+    print(format_report(report))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -204,6 +229,27 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("-o", "--out", required=True)
     h.set_defaults(func=cmd_heatmap)
 
+    v = sub.add_parser("eval", help="score a pipeline: accuracy, guidance curve, heatmap IoU, edit metrics")
+    v.add_argument("pipeline", nargs="?", help=f"pipeline folder (default: {DEFAULT_PIPELINE})")
+    v.add_argument("-o", "--out", default="report.json", help="where to write the JSON report")
+    v.add_argument("--quick", action="store_true", help="a handful of prompts per set, 1 seed, few steps")
+    v.add_argument("--seeds", type=int, help="images per prompt (default 4; quick 1)")
+    v.add_argument("--guidance", type=float, nargs="+",
+                   help="guidance scales of the curve (default 1 2 3 5; quick 1 3)")
+    v.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's; quick at most 10)")
+    v.add_argument("--sets", default="single,two,heldout", help="comma-separated prompt sets")
+    v.add_argument("--no-heatmaps", action="store_true", help="skip heatmap IoU")
+    v.add_argument("--no-edits", action="store_true", help="skip the edit metrics")
+    v.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("train-clip", help="pre-train a CLIP text encoder contrastively on the config's data")
+    c.add_argument("config")
+    c.add_argument("-o", "--out", required=True)
+    c.add_argument("--steps", type=int, default=3000)
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.set_defaults(func=cmd_train_clip)
+
     b = sub.add_parser("build", help="build and save an untrained pipeline from a YAML config")
     b.add_argument("config")
     b.add_argument("-o", "--out", required=True)
@@ -214,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parser().parse_known_args(argv)
-    if extra and args.command != "build":
+    if extra and args.command not in ("build", "train-clip"):
         parser().error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     try:

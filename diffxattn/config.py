@@ -14,12 +14,28 @@ Override any field from the command line: `--train.lr 3e-4` style, as `section.f
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so `mixed_precision: no` stays the string "no"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"] for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -100,6 +116,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     checkpoints_total_limit: int | None = 3
+    stop_at_step: int | None = None  # end this invocation early (checkpointed); the LR schedule still spans max_steps
+    debug_nan_at_step: int | None = None  # debugging/tests: the loss of this optimizer step becomes NaN
 
 
 @dataclass
@@ -205,7 +223,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = _yaml(raw) if raw.strip() else None
     if isinstance(value, str):  # YAML reads 3e-4 as a string; numbers the way users write them
         try:
             value = float(value)
@@ -222,7 +240,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
         if not isinstance(data, dict):

@@ -36,6 +36,7 @@ class DiffXAttnPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(default_steps=default_steps, default_guidance_scale=default_guidance_scale)
         self._guidance_scale = default_guidance_scale
+        self.strict = False  # True: a prompt longer than the text encoder's window is an error, not a warning
 
     # -- properties the attention tools read (same names as diffusers' StableDiffusionPipeline) --
     @property
@@ -47,7 +48,11 @@ class DiffXAttnPipeline(DiffusionPipeline):
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text embeddings (B, S, D) and key mask (B, S) for a list of prompts ("" = unconditional)."""
+        """Text embeddings (B, S, D) and key mask (B, S) for a list of prompts ("" = unconditional).
+
+        Words past the encoder's max length are dropped with a warning naming them (an error if `self.strict`).
+        """
+        text_mod.check_length(self.tokenizer, prompts, self.strict)
         ids, mask = text_mod.tokenize(self.tokenizer, prompts)
         embeds = text_mod.encode(self.text_encoder, ids)
         return embeds.to(self.unet.dtype), mask.to(embeds.device)
