@@ -38,10 +38,12 @@ def load_pipeline(path: str | None, scheduler: str | None = None):
         raise FileNotFoundError(f"pipeline folder {path!r} does not exist (give --pipeline PATH)")
     if not (Path(path) / "model_index.json").is_file():
         raise FileNotFoundError(f"{path!r} is not a pipeline folder: {os.path.join(path, 'model_index.json')} is missing")
-    pipe = DiffXAttnPipeline.from_pretrained(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # weights may be stored in fp16 (the shipped pipeline is); CPUs compute in fp32
+    pipe = DiffXAttnPipeline.from_pretrained(path, torch_dtype=torch.float32 if device == "cpu" else None)
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, config=pipe.scheduler.config)
-    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -52,13 +52,14 @@ def write_viewer(
     """
     maps = _check_maps(np.asarray(maps), "maps", len(words))
     steps = list(range(maps.shape[0])) if steps is None else [int(s) for s in steps]
-    assert len(steps) == maps.shape[0], f"steps has {len(steps)} labels but maps has {maps.shape[0]} bins"
-    assert (layers is None) == (layer_maps is None), "pass layers and layer_maps together, or neither"
+    if len(steps) != maps.shape[0]:
+        raise ValueError(f"steps has {len(steps)} labels but maps has {maps.shape[0]} bins")
+    if (layers is None) != (layer_maps is None):
+        raise ValueError("pass layers and layer_maps together, or neither")
     if layer_maps is not None:
         layer_maps = _check_maps(np.asarray(layer_maps), "layer_maps", len(words))
-        assert len(layers) == layer_maps.shape[0], (
-            f"layers has {len(layers)} names but layer_maps has {layer_maps.shape[0]} layers"
-        )
+        if len(layers) != layer_maps.shape[0]:
+            raise ValueError(f"layers has {len(layers)} names but layer_maps has {layer_maps.shape[0]} layers")
 
     data = {
         "prompt": str(prompt),
@@ -85,13 +86,19 @@ def write_viewer(
 
 
 def _check_maps(maps: np.ndarray, name: str, n_words: int) -> np.ndarray:
-    assert maps.ndim == 4, f"{name} must be (bins, words, h, w), got shape {maps.shape}"
-    assert maps.shape[0] >= 1, f"{name} needs at least one bin"
-    assert maps.shape[1] == n_words, f"{name} has {maps.shape[1]} word maps but there are {n_words} words"
-    assert max(maps.shape[2:]) <= MAX_MAP_SIDE, f"{name} maps are {maps.shape[2:]}; at most {MAX_MAP_SIDE}"
+    if maps.ndim != 4:
+        raise ValueError(f"{name} must be (bins, words, h, w), got shape {maps.shape}")
+    if maps.shape[0] < 1:
+        raise ValueError(f"{name} needs at least one bin")
+    if maps.shape[1] != n_words:
+        raise ValueError(f"{name} has {maps.shape[1]} word maps but there are {n_words} words")
+    if max(maps.shape[2:]) > MAX_MAP_SIDE:
+        raise ValueError(f"{name} maps are {maps.shape[2:]}; at most {MAX_MAP_SIDE}")
     maps = maps.astype(np.float64)
-    assert np.isfinite(maps).all(), f"{name} contains NaN or inf"
-    assert (maps >= 0).all(), f"{name} must be non-negative (attention probabilities)"
+    if not np.isfinite(maps).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    if (maps < 0).any():
+        raise ValueError(f"{name} must be non-negative (attention probabilities)")
     return maps
 
 

@@ -106,7 +106,7 @@ def test_line_separators_are_escaped(tmp_path):
 
 
 def test_rejects_maps_that_do_not_match_the_words(tmp_path):
-    with pytest.raises(AssertionError, match="3 word maps but there are 8 words"):
+    with pytest.raises(ValueError, match="3 word maps but there are 8 words"):
         write_viewer(tmp_path / "v.html", prompt="x", image=two_blobs(), words=WORDS, maps=np.ones((1, 3, 4, 4)))
 
 

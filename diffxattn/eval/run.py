@@ -1,0 +1,246 @@
+"""`evaluate(pipe)`: accuracy per prompt set, a guidance curve, heatmap IoU and edit metrics, as one report.
+
+    report = evaluate(pipe, quick=True)        # a dict, JSON-ready
+    print(format_report(report))
+
+    diffxattn eval pipelines/shapes-32 --quick -o report.json
+
+Every image has its own generator seeded with its seed, so an image does not depend on the batch
+it was drawn in. Prompts are batched for speed; attention maps for heatmap IoU are captured during
+the accuracy run at the main guidance scale, so they cost no extra sampling.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..control.edits import LocalBlend, PromptToPrompt
+from ..control.store import AttentionStore, word_keys
+from ..data.shapes import ShapesConfig
+from ..editing import edit, generate
+from . import metrics
+from .detector import detect, score_prompt
+from .prompts import SET_NAMES, color_swap, color_word_index, prompt_set, prompt_sets, reweighted
+
+__all__ = ["evaluate", "format_report", "DEFAULT_GUIDANCE", "QUICK_GUIDANCE", "REWEIGHTS"]
+
+DEFAULT_GUIDANCE = (1.0, 2.0, 3.0, 5.0)
+QUICK_GUIDANCE = (1.0, 3.0)
+REWEIGHTS = (0.5, 0.75, 1.0, 1.5, 2.0)
+_QUICK_MAX_STEPS = 10
+
+
+def _generators(seeds) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+class _HeatmapTally:
+    """IoU curves (over thresholds) of every scored color and shape word map."""
+
+    def __init__(self, thresholds):
+        self.thresholds = thresholds
+        self.ious: dict[str, list[np.ndarray]] = {"color": [], "shape": []}
+
+    def add(self, store: AttentionStore, index: int, caption: str, detections) -> None:
+        maps = store.word_maps(index, prompt=caption, normalize="minmax")
+        keys = word_keys(caption.split())  # same order as the store's words: captions have no punctuation
+        for i, kind, mask in metrics.word_masks(caption, detections):
+            if keys[i] in maps:  # words cut off by the tokenizer's length have no map
+                heat = maps[keys[i]].cpu().numpy()
+                self.ious[kind].append(metrics.threshold_ious(heat, mask, self.thresholds))
+
+    def summary(self) -> dict:
+        return {kind: metrics.summarize_ious(curves, self.thresholds) for kind, curves in self.ious.items()}
+
+
+def _score_set(pipe, prompts: list[str], seeds, *, scale: float, steps: int, batch_size: int,
+               heat: _HeatmapTally | None = None, progress: bool = False, desc: str = "") -> list[dict]:
+    """Generate every prompt x seed (batched), detect, score; with `heat`, also tally heatmap IoUs."""
+    items = [(p, s) for p in prompts for s in seeds]
+    scores = []
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = items[start:start + batch_size]
+        texts = [p for p, _ in batch]
+        kwargs = dict(num_inference_steps=steps, guidance_scale=scale, output_type="np",
+                      generator=_generators(s for _, s in batch))
+        if heat is None:
+            images = metrics.to_uint8(pipe(texts, **kwargs).images)
+        else:
+            with AttentionStore(pipe, step_bins=0) as store:
+                images = metrics.to_uint8(pipe(texts, **kwargs).images)
+        for k, (text, image) in enumerate(zip(texts, images)):
+            detections = detect(image)
+            scores.append(score_prompt(text, detections, image.shape[0]))
+            if heat is not None:
+                heat.add(store, k, text, detections)
+    return scores
+
+
+def _blend_edit(pipe, source: str, target: str, words: list[str], seed: int, **kwargs):
+    """`edit(pipe, source, target, local_blend=words, seed=seed)`, also returning the blend mask
+    (H, W) bool that decided the last step. `edit` does not expose the mask, so this composes the
+    same two controllers with `edit`'s defaults (a test checks both give the same images)."""
+    prompts = [source, target]
+    with PromptToPrompt(pipe, source, target), LocalBlend(pipe, prompts, words) as blend:
+        images = pipe(prompts, generator=_generators([seed, seed]), callback_on_step_end=blend.callback,
+                      output_type="np", **kwargs).images
+    src, tgt = metrics.to_uint8(images)
+    mask = F.interpolate(blend.mask.float(), size=src.shape[:2], mode="nearest")[0, 0].cpu().numpy() > 0
+    return src, tgt, mask
+
+
+def _change(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
+    """Mean absolute difference of two uint8 images over the pixels `where`, in [0, 1] (1 = 255 levels)."""
+    return float(np.abs(a.astype(np.float32) - b)[where].mean() / 255) if where.any() else None
+
+
+def _edit_metrics(pipe, prompts: list[str], seeds, *, scale: float, steps: int, weights, holdout,
+                  progress: bool = False) -> dict:
+    """Color swap, attention reweighting and local blend on single-object prompts."""
+    kw = dict(num_inference_steps=steps, guidance_scale=scale)
+    swaps, rhos, blends = [], [], []
+    strengths = {w: [] for w in weights}
+    for prompt in tqdm(prompts, desc="edits", disable=not progress, leave=False):
+        color = prompt.split()[color_word_index(prompt)]
+        target = color_swap(prompt, holdout=holdout)
+        new_color = target.split()[color_word_index(target)]
+        for seed in seeds:
+            # (a) word swap: the color changes, the object stays
+            src, tgt = edit(pipe, prompt, target, seed=seed, output_type="np", **kw)
+            src, tgt = metrics.to_uint8([src, tgt])
+            swaps.append(metrics.swap_scores(src, tgt, new_color))
+            # (c) local blend: pixels outside the blend mask stay the source's
+            b_src, b_tgt, mask = _blend_edit(pipe, prompt, target, [color, new_color], seed, **kw)
+            blends.append({"outside": _change(b_src, b_tgt, ~mask), "inside": _change(b_src, b_tgt, mask),
+                           "outside_no_blend": _change(src, tgt, ~mask), "mask_fraction": float(mask.mean())})
+            # (b) reweight the color word: does its strength grow with the weight?
+            values = []
+            for w in weights:
+                out = generate(pipe, reweighted(prompt, w), weight_mode="attention",
+                               generator=_generators([seed]), output_type="np", **kw).images
+                values.append(metrics.color_strength(metrics.to_uint8(out)[0], color))
+                strengths[w].append(values[-1])
+            valid = [(w, v) for w, v in zip(weights, values) if v is not None]
+            rhos.append(metrics.spearman(*zip(*valid)) if len(valid) >= 3 else float("nan"))
+    defined = [r for r in rhos if not np.isnan(r)]
+    return {
+        "color_swap": {"n": len(swaps),
+                       **{k: metrics.mean_or_none(s[k] for s in swaps)
+                          for k in ("target_color", "shape_kept", "position_kept")},
+                       "mask_iou": metrics.mean_or_none(s["mask_iou"] for s in swaps),
+                       "mask_iou_n": sum(s["mask_iou"] is not None for s in swaps)},
+        "reweight": {"n": len(defined), "weights": list(weights), "spearman": metrics.mean_or_none(defined),
+                     "strength": {f"{w:g}": metrics.mean_or_none(v) for w, v in strengths.items()}},
+        "local_blend": {"n": len(blends),
+                        **{k: metrics.mean_or_none(b[k] for b in blends)
+                           for k in ("outside", "outside_no_blend", "inside", "mask_fraction")}},
+    }
+
+
+def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_scales=None,
+             guidance_scale: float | None = None, steps: int | None = None, sets=SET_NAMES,
+             sizes: dict[str, int] | None = None, heatmaps: bool = True, edits: bool = True,
+             edit_prompts: int | None = None, weights=REWEIGHTS, holdout=None, batch_size: int = 32,
+             thresholds=metrics.THRESHOLDS, pipeline: str | None = None, progress: bool = False) -> dict:
+    """Evaluate a pipeline on the fixed prompt sets; returns the JSON-ready report.
+
+    seeds: images per prompt (seeds 0..n-1; default 4, quick 1). guidance_scales: the guidance curve
+    (default 1 2 3 5, quick 1 3). guidance_scale: the scale of the per-set accuracy, heatmaps and edits
+    (default: the pipeline's). steps: denoising steps (default: the pipeline's; quick at most 10).
+    sizes: prompts per set (default 64/64/32, quick 4 each). edit_prompts: single-object prompts edited
+    (default 8, quick 2). holdout: the held-out pairs (default `ShapesConfig().holdout`).
+
+    >>> report = evaluate(pipe, quick=True)
+    >>> report["sets"]["single"]["all"], report["guidance"]["3"]["two"]
+    """
+    t0 = time.perf_counter()
+    unknown = set(sets) - set(SET_NAMES)
+    if unknown:
+        raise ValueError(f"unknown prompt sets {sorted(unknown)}; expected some of {SET_NAMES}")
+    seeds = list(range(seeds if seeds is not None else 1 if quick else 4))
+    scales = tuple(float(g) for g in (guidance_scales or (QUICK_GUIDANCE if quick else DEFAULT_GUIDANCE)))
+    main = float(pipe.config.default_guidance_scale if guidance_scale is None else guidance_scale)
+    default_steps = pipe.config.default_steps
+    steps = steps or (min(default_steps, _QUICK_MAX_STEPS) if quick else default_steps)
+    holdout = tuple(tuple(p) for p in (ShapesConfig().holdout if holdout is None else holdout))
+    n_edit = edit_prompts if edit_prompts is not None else 2 if quick else 8
+    if not seeds or not scales:
+        raise ValueError(f"need >= 1 seed and >= 1 guidance scale; got {len(seeds)} seeds, scales {scales}")
+    prompts = prompt_sets(tuple(sets), quick=quick, sizes=sizes, holdout=holdout)
+
+    heat = _HeatmapTally(thresholds) if heatmaps else None
+    by_scale: dict[float, dict[str, float]] = {}
+    report_sets = {}
+    for scale in dict.fromkeys([main, *scales]):  # the main scale first: it also captures heatmaps
+        by_scale[scale] = {}
+        for name, texts in prompts.items():
+            scores = _score_set(pipe, texts, seeds, scale=scale, steps=steps, batch_size=batch_size,
+                                heat=heat if scale == main else None, progress=progress,
+                                desc=f"{name} g={scale:g}")
+            summary = metrics.summarize(scores)
+            by_scale[scale][name] = summary["all"]
+            if scale == main:
+                report_sets[name] = summary
+
+    report = {
+        "pipeline": pipeline,
+        "config": {"quick": quick, "seeds": len(seeds), "guidance_scale": main,
+                   "guidance_scales": list(scales), "steps": steps,
+                   "sizes": {k: len(v) for k, v in prompts.items()},
+                   "image_size": pipe.unet.config.sample_size, "holdout": [list(p) for p in holdout],
+                   "thresholds": list(thresholds), "heatmaps": heatmaps, "edits": edits,
+                   "edit_prompts": n_edit, "weights": list(weights)},
+        "sets": report_sets,
+        "guidance": {f"{s:g}": by_scale[s] for s in scales},
+        "heatmap_iou": heat.summary() if heat else None,
+        "edits": None,
+    }
+    if edits:
+        edit_texts = prompt_set("single", n_edit, holdout=holdout)
+        report["edits"] = _edit_metrics(pipe, edit_texts, seeds, scale=main, steps=steps, weights=weights,
+                                        holdout=holdout, progress=progress)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def _fmt(x, width: int = 6) -> str:
+    return f"{'-':>{width}}" if x is None else f"{x:>{width}.3f}" if isinstance(x, float) else f"{x:>{width}}"
+
+
+def format_report(report: dict) -> str:
+    """The report as a compact text table."""
+    lines = []
+    attrs = [a for a in metrics.ATTRIBUTES if any(a in s["accuracy"] for s in report["sets"].values())]
+    lines.append(f"{'set':<9}{'n':>5}" + "".join(f"{a[:8]:>9}" for a in attrs) + f"{'all':>9}")
+    for name, s in report["sets"].items():
+        lines.append(f"{name:<9}{s['n']:>5}" + "".join(f"{_fmt(s['accuracy'].get(a), 9)}" for a in attrs)
+                     + f"{_fmt(s['all'], 9)}")
+    scales = list(report["guidance"])
+    lines.append("")
+    lines.append(f"{'guidance':<9}" + "".join(f"{'g=' + g:>9}" for g in scales))
+    for name in report["sets"]:
+        lines.append(f"{name:<9}" + "".join(_fmt(report["guidance"][g][name], 9) for g in scales))
+    if report["heatmap_iou"]:
+        lines.append("")
+        lines.append(f"{'heatmap':<9}{'n':>6}{'iou@0.4':>9}{'best tau':>9}{'iou@best':>9}")
+        for kind, h in report["heatmap_iou"].items():
+            values = "".join(_fmt(h[k], 9) for k in ("iou@0.4", "best_tau", "iou@best"))
+            lines.append(f"{kind:<9}{h['n']:>6}{values}")
+    if report["edits"]:
+        e = report["edits"]
+        cs, rw, lb = e["color_swap"], e["reweight"], e["local_blend"]
+        lines.append("")
+        lines.append(f"color swap (n={cs['n']}): target color {_fmt(cs['target_color'], 0)}, shape kept "
+                     f"{_fmt(cs['shape_kept'], 0)}, position kept {_fmt(cs['position_kept'], 0)}, "
+                     f"mask IoU {_fmt(cs['mask_iou'], 0)}")
+        lines.append(f"reweight (n={rw['n']}): Spearman rho(weight, color strength) "
+                     f"{_fmt(rw['spearman'], 0)}")
+        lines.append(f"local blend (n={lb['n']}): change outside mask {_fmt(lb['outside'], 0)} "
+                     f"(without blend {_fmt(lb['outside_no_blend'], 0)}), inside {_fmt(lb['inside'], 0)}")
+    lines.append(f"\n{report['seconds']:.1f} s")
+    return "\n".join(lines)
