@@ -150,6 +150,14 @@ def cmd_train_clip(args) -> None:
     print(f"saved the CLIP text encoder to {args.out} ({metrics}); train with text.pretrained={args.out} text.train=false")
 
 
+def cmd_samples(args) -> None:
+    from .samples import make_samples
+
+    pipe = load_pipeline(args.pipeline)
+    for path in make_samples(pipe, args.out, seed=args.seed, curve=args.curve, screenshot=not args.no_screenshot):
+        print(path)
+
+
 def cmd_build(args) -> None:
     from .build import build_pipeline
     from .config import load_config, overrides_from_argv
@@ -251,6 +259,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=256)
     c.add_argument("--lr", type=float, default=1e-3)
     c.set_defaults(func=cmd_train_clip)
+
+    sm = sub.add_parser("samples", help="regenerate the sample images (gallery, heatmaps, edits, reweighting)")
+    sm.add_argument("--pipeline", help=f"pipeline folder (default: {DEFAULT_PIPELINE})")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--curve", help="accuracy-vs-training-time JSON (from the run's checkpoints) to plot")
+    sm.add_argument("--no-screenshot", action="store_true", help="skip the headless-Chromium viewer screenshot")
+    sm.add_argument("-o", "--out", default="samples")
+    sm.set_defaults(func=cmd_samples)
 
     b = sub.add_parser("build", help="build and save an untrained pipeline from a YAML config")
     b.add_argument("config")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from browser import chromium, chromium_available, load, screenshot, SKIP_REASON
+from diffxattn.browser import chromium, chromium_available, load, screenshot, SKIP_REASON
 from diffxattn.viewer import write_viewer
 
 WORDS = ["a", "red", "circle", "left", "of", "a", "blue", "square"]

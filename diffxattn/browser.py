@@ -1,4 +1,4 @@
-"""Headless Chromium for tests that drive HTML pages (Debian's chromium + chromedriver, via selenium).
+"""Headless Chromium for driving and screenshotting HTML pages (Debian chromium + chromedriver, via selenium).
 
 Nothing here goes online: the driver binary is given explicitly so selenium-manager never runs, and
 Chromium's background networking, component updates and sync are switched off.

@@ -1,0 +1,125 @@
+"""Regenerate `samples/`: prompt gallery, heatmap examples (+ viewer screenshot), edit and reweight strips,
+and accuracy against training time.
+
+    diffxattn samples [--pipeline pipelines/shapes-32] [--curve pipelines/shapes-32/curve.json] -o samples
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .control import AttentionStore
+from .editing import edit, generate
+from .heatmaps import export
+
+GALLERY = [
+    "a red circle at the left", "a blue square at the top", "a green triangle at the right",
+    "a large yellow circle in the center", "a small purple diamond at the bottom", "an orange square on the left",
+    "a red circle left of a blue square", "a green square above a purple circle",
+    "a yellow triangle right of a blue diamond", "a small orange circle below a large green square",
+    "a red triangle at the top", "a blue circle at the right",  # the last two are held-out combinations
+]
+EDITS = [
+    ("a red circle at the left", "a blue circle at the left"),
+    ("a green square at the top", "a green triangle at the top"),
+    ("a purple diamond at the right", "a large purple diamond at the right"),
+    ("a red circle left of a blue square", "a red circle left of a yellow square"),
+]
+REWEIGHT = ("a (red:{w}) circle at the left", (0.25, 0.5, 1.0, 1.5, 2.0, 3.0))
+HEATMAP_PROMPT = "a red circle left of a blue square"
+
+
+def labelled_grid(cells: list[tuple[str, Image.Image]], columns: int, cell: int = 128) -> Image.Image:
+    """Images enlarged (nearest) to `cell` pixels in rows of `columns`, each with its wrapped label below."""
+    labels = [textwrap.wrap(label, max(1, cell // 6)) or [""] for label, _ in cells]
+    label_h = 12 * max(map(len, labels)) + 4
+    rows = (len(cells) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * cell, rows * (cell + label_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, ((_, image), label) in enumerate(zip(cells, labels)):
+        x, y = (k % columns) * cell, (k // columns) * (cell + label_h)
+        canvas.paste(image.resize((cell, cell * image.height // image.width), Image.NEAREST), (x, y))
+        draw.multiline_text((x + 2, y + cell + 2), "\n".join(label), fill="black", spacing=1)
+    return canvas
+
+
+def line_chart(points: dict[str, list[tuple[float, float]]], title: str, xlabel: str, size=(640, 360)) -> Image.Image:
+    """A small line chart (values in [0, 1]) drawn with PIL: one polyline per series, legend at the right."""
+    w, h = size
+    left, right, top, bottom = 50, 170, 30, 40
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 8), title, fill="black")
+    xmax = max((x for pts in points.values() for x, _ in pts), default=1) or 1
+    to_px = lambda x, y: (left + x / xmax * (w - left - right), h - bottom - y * (h - top - bottom))  # noqa: E731
+    for frac in (0, 0.25, 0.5, 0.75, 1.0):
+        _, y = to_px(0, frac)
+        d.line([(left, y), (w - right, y)], fill=(225, 225, 225))
+        d.text((8, y - 6), f"{frac:.2f}", fill="black")
+    d.text(((left + w - right) // 2 - 30, h - 18), xlabel, fill="black")
+    d.text((w - right - 20, h - bottom + 4), f"{xmax:.0f}", fill="black")
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    for k, (name, pts) in enumerate(points.items()):
+        c = colors[k % len(colors)]
+        xy = [to_px(x, y) for x, y in sorted(pts)]
+        if len(xy) > 1:
+            d.line(xy, fill=c, width=2)
+        for px, py in xy:
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
+        d.text((w - right + 10, top + 16 * k), name, fill=c)
+    return img
+
+
+def _seed(s: int) -> torch.Generator:
+    return torch.Generator().manual_seed(s)
+
+
+def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | None = None,
+                 screenshot: bool = True) -> list[Path]:
+    """Write every sample image into `out`; returns the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    images = pipe(GALLERY, generator=[_seed(seed) for _ in GALLERY]).images
+    labelled_grid(list(zip(GALLERY, images)), columns=6).save(out / "gallery.png")
+    written.append(out / "gallery.png")
+
+    with AttentionStore(pipe, per_layer=True) as store:
+        image = pipe(HEATMAP_PROMPT, generator=_seed(seed)).images[0]
+    export(out / "heatmaps", store, image, HEATMAP_PROMPT, seed=seed)
+    written.append(out / "heatmaps" / "grid.png")
+    if screenshot:
+        try:
+            from .browser import chromium_available, screenshot as take
+
+            if chromium_available():
+                written.append(take(out / "heatmaps" / "index.html", out / "viewer.png"))
+        except ImportError:  # selenium is a test extra
+            print("selenium not installed: skipped the viewer screenshot")
+
+    cells = []
+    for source, target in EDITS:
+        src, tgt = edit(pipe, source, target, seed=seed)
+        cells += [(f"source: {source}", src), (f"edit: {target}", tgt)]
+    labelled_grid(cells, columns=4).save(out / "edits.png")
+    written.append(out / "edits.png")
+
+    template, weights = REWEIGHT
+    strip = [(template.format(w=w), generate(pipe, template.format(w=w), generator=_seed(seed)).images[0])
+             for w in weights]
+    labelled_grid(strip, columns=len(strip)).save(out / "reweight.png")
+    written.append(out / "reweight.png")
+
+    if curve is not None and Path(curve).is_file():
+        data = json.loads(Path(curve).read_text())  # [{"step":, "minutes":, "single":, "two":, "heldout":}, ...]
+        series = {name: [(p["minutes"], p[name]) for p in data if p.get(name) is not None]
+                  for name in ("single", "two", "heldout")}
+        line_chart(series, "all-correct accuracy vs training time", "training minutes").save(out / "accuracy.png")
+        written.append(out / "accuracy.png")
+    return written
