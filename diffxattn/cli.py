@@ -21,7 +21,7 @@ def default_pipeline() -> str:
     return str(here) if here.is_dir() else DEFAULT_PIPELINE
 
 
-def load_pipeline(path: str | None, scheduler: str | None = None):
+def load_pipeline(path: str | None, scheduler: str | None = None, strict: bool = False):
     """Load a saved pipeline folder onto the best available device, optionally switching its scheduler."""
     import torch
 
@@ -45,6 +45,7 @@ def load_pipeline(path: str | None, scheduler: str | None = None):
         pipe.scheduler = make_scheduler(scheduler, config=pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    pipe.strict = strict
     return pipe
 
 
@@ -73,7 +74,7 @@ def save_image(image, path: Path, scale: int = 1) -> None:
 def cmd_generate(args) -> None:
     from .editing import generate
 
-    pipe = load_pipeline(args.pipeline, args.scheduler)
+    pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
     images = generate(pipe, args.prompt, weight_mode=args.weight_mode, negative_prompt=args.negative,
                       num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.n,
                       generator=generators(args.seed, args.n), height=args.height, width=args.width).images
@@ -93,7 +94,7 @@ def cmd_edit(args) -> None:
     from .editing import edit
     from .heatmaps import export
 
-    pipe = load_pipeline(args.pipeline, args.scheduler)
+    pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
     cross = {"default": replace_range(args.cross_replace)}
     for item in args.cross_replace_word or []:
         word, _, value = item.partition("=")
@@ -132,7 +133,7 @@ def cmd_heatmap(args) -> None:
     from .control import AttentionStore
     from .heatmaps import export
 
-    pipe = load_pipeline(args.pipeline, args.scheduler)
+    pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
     with AttentionStore(pipe, resolutions=args.resolutions, layers=args.layers, blocks=args.blocks,
                         steps=step_range(args.steps), per_layer=True) as store:
         image = pipe(args.prompt, num_inference_steps=args.num_steps, guidance_scale=args.guidance,
@@ -197,6 +198,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
     g.add_argument("--scheduler", help="ddpm, ddim, dpm-solver++, euler, euler-ancestral, heun, unipc")
+    g.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
     g.add_argument("--negative", help="negative prompt")
     g.add_argument("-n", type=int, default=1, help="number of images (seeds seed, seed+1, ...)")
     g.add_argument("--height", type=int)
@@ -215,6 +217,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int)
     e.add_argument("--guidance", type=float)
     e.add_argument("--scheduler")
+    e.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
     e.add_argument("--cross-replace", default="0.8", help="fraction of steps (0.8) or step range A:B")
     e.add_argument("--cross-replace-word", nargs="+", metavar="WORD=RANGE", help="per-word cross-replace, e.g. blue=0.3")
     e.add_argument("--self-replace", default="0.4", help="fraction of steps or A:B for self-attention maps")
@@ -231,6 +234,7 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--num-steps", type=int, help="denoising steps (default: the pipeline's)")
     h.add_argument("--guidance", type=float)
     h.add_argument("--scheduler")
+    h.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
     h.add_argument("--steps", default="0:1.0", help="step range to aggregate, START:END (indices or fractions)")
     h.add_argument("--resolutions", type=int, nargs="+", help="map resolutions to use, e.g. 16 8 (default: all)")
     h.add_argument("--layers", nargs="+", help="keep layers whose name contains one of these, e.g. up_blocks")

@@ -9,6 +9,8 @@ from the folder (no `trust_remote_code`).
 from __future__ import annotations
 
 import inspect
+import re
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -16,8 +18,30 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from safetensors import safe_open
 
 from .models import text as text_mod
+
+
+class PipelineLoadError(ValueError):
+    """A pipeline folder is incomplete or holds a damaged / mismatched file; the message names the file."""
+
+
+def diagnose(folder: Path, error: Exception) -> str:
+    """The most specific reason a local pipeline folder failed to load, naming the file."""
+    if not (folder / "model_index.json").is_file():
+        return f"{folder / 'model_index.json'} is missing (not a diffusers pipeline folder)"
+    files = sorted(folder.glob("*/*.safetensors"))
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as handle:
+                keys = set(handle.keys())
+        except Exception as e:  # safetensors raises its own error type for bad headers
+            return f"{f} is truncated or corrupted ({e})"
+        bad = re.search(r"(\S+) expected shape (\S+ ?\S*), but got (\S+ ?\S*)\.", str(error))
+        if bad and bad.group(1) in keys:
+            return f"{f}: weight {bad.group(1)} has shape {bad.group(3)}, the model's config expects {bad.group(2)}"
+    return str(error)
 
 
 class DiffXAttnPipeline(DiffusionPipeline):
@@ -37,6 +61,17 @@ class DiffXAttnPipeline(DiffusionPipeline):
         self.register_to_config(default_steps=default_steps, default_guidance_scale=default_guidance_scale)
         self._guidance_scale = default_guidance_scale
         self.strict = False  # True: a prompt longer than the text encoder's window is an error, not a warning
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loader, with errors about a local folder's files rewritten to name the file at fault."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (OSError, ValueError) as e:
+            folder = Path(str(pretrained_model_name_or_path))
+            if not folder.is_dir():
+                raise
+            raise PipelineLoadError(f"cannot load the pipeline in {folder}: {diagnose(folder, e)}") from e
 
     # -- properties the attention tools read (same names as diffusers' StableDiffusionPipeline) --
     @property

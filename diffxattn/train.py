@@ -1,0 +1,486 @@
+"""Train a text-to-image UNet (and its small CLIP text encoder) with accelerate.
+
+    accelerate launch -m diffxattn.train configs/shapes-32.yaml [section.key=value ...] [--resume latest|PATH]
+    python -m diffxattn.train configs/tiny.yaml train.max_steps=20          # one process
+    python -m diffxattn.train export runs/tiny/checkpoints/checkpoint-6 -o pipelines/tiny
+
+Two processes on CPU (`accelerate launch --cpu --num_processes 2` starts only one, accelerate issue #2741):
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+        --mixed_precision no --dynamo_backend no -m diffxattn.train configs/tiny.yaml
+
+Resume is exact: every random draw of the loop (noise, timesteps, caption dropout) comes from a generator
+keyed on (seed, micro-step, rank), the data order depends only on (seed, epoch), and a checkpoint stores the
+data position, so N steps + `--resume latest` + N steps give the weights of 2N steps in one go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin, set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+from transformers import CLIPTokenizer
+
+from . import checkpoint as ckpt
+from .build import build_dataset, build_unet, dataset_captions
+from .config import ConfigError, ExperimentConfig, OptimConfig, load_config, to_dict
+from .models import text as text_mod
+from .pipeline import DiffXAttnPipeline
+from .schedulers import make_scheduler
+
+_NOISE, _DROPOUT = 1, 2  # stream ids of the keyed generators
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf; training stops without saving."""
+
+
+def keyed_generator(*key: int) -> torch.Generator:
+    """A torch generator that depends only on `key`: nothing to checkpoint, the same after a resume."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+def drop_captions(texts: list[str], p: float, *key: int) -> list[str]:
+    """Replace each caption by "" with probability p (for classifier-free guidance), deterministic per key."""
+    drop = np.random.default_rng([_DROPOUT, *key]).random(len(texts)) < p
+    return ["" if d else t for t, d in zip(texts, drop)]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation of range(n) that depends only on (seed, epoch), so a data position is (epoch, batch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=keyed_generator(self.seed, self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+    """Warm-up then cosine/constant, one `step()` per optimizer step.
+
+    The trainer's Accelerator has step_scheduler_with_optimizer=False, so the prepared scheduler steps once
+    per call, not num_processes times: the LR at optimizer step k is the same on any number of processes.
+    """
+    name = "cosine" if cfg.lr_schedule == "cosine" else "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps)
+
+
+def snr_loss_weight(noise_scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023): min(snr, g)/snr for epsilon, min(snr, g)/(snr + 1) for v."""
+    snr = compute_snr(noise_scheduler, t)
+    v = noise_scheduler.config.prediction_type == "v_prediction"
+    return snr.clamp(max=gamma) / (snr + 1 if v else snr)
+
+
+@dataclass
+class Run:
+    """Everything the loop's functions share."""
+    cfg: ExperimentConfig
+    accelerator: Accelerator
+    unet: torch.nn.Module  # prepared (maybe DDP-wrapped)
+    text_encoder: torch.nn.Module  # prepared when trained, else frozen
+    tokenizer: CLIPTokenizer
+    trained: list  # the unwrapped trained modules: [UNet] or [UNet, text encoder]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    dataloader: object
+    sampler: EpochSampler
+    noise_scheduler: DDPMScheduler
+    ema: EMAModel | None
+    out: Path
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # data position: the epoch, and how many of its batches this process consumed
+    batch_in_epoch: int = 0
+    batches_seen: int = 0  # by this process in this invocation
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return list(named_trained_params(self.trained).values())
+
+
+def named_trained_params(modules: list) -> dict[str, torch.nn.Parameter]:
+    """'0.conv_in.weight' (UNet), '1.text_model...' (text encoder): also the EMA file's keys."""
+    return {f"{i}.{n}": p for i, m in enumerate(modules) for n, p in m.named_parameters() if p.requires_grad}
+
+
+def build_models(cfg: ExperimentConfig, tokenizer: CLIPTokenizer | None):
+    """(tokenizer, text encoder, UNet): the pretrained text encoder, or a small one for `tokenizer`."""
+    t = cfg.text
+    if t.pretrained:
+        tokenizer, text_encoder = text_mod.load_text_encoder(t.pretrained)
+    else:
+        text_encoder = text_mod.build_text_encoder(tokenizer, t.hidden_size, t.num_layers, t.num_heads)
+    if not t.train:
+        text_encoder.requires_grad_(False).eval()
+    return tokenizer, text_encoder, build_unet(cfg.model, text_encoder.config.hidden_size)
+
+
+def run_tokenizer(cfg: ExperimentConfig, accelerator: Accelerator, dataset, resume: Path | None):
+    """The run's vocabulary: learned from the captions once (main process) and kept in the run folder."""
+    if cfg.text.pretrained:
+        return None
+    folder = Path(cfg.train.output_dir) / ckpt.TOKENIZER
+    with accelerator.main_process_first():
+        if resume is not None:
+            return CLIPTokenizer.from_pretrained(str(resume / ckpt.TOKENIZER))
+        if accelerator.is_main_process:
+            captions = dataset_captions(dataset, cfg.text.vocab_captions)
+            return text_mod.build_tokenizer(captions, folder, cfg.text.max_length)
+        return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
+    t = cfg.train
+    return Accelerator(  # accumulation counted in micro-batches only, never cut at an epoch's end
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.gradient_accumulation_steps,
+                                                                sync_with_dataloader=False),
+        mixed_precision=t.mixed_precision, log_with="tensorboard" if cfg.logging.tensorboard else None,
+        project_dir=t.output_dir, step_scheduler_with_optimizer=False)
+
+
+def setup(cfg: ExperimentConfig, accelerator: Accelerator, resume: Path | None) -> Run:
+    t, o, s = cfg.train, cfg.optim, cfg.scheduler
+    set_seed(t.seed)
+    dataset = build_dataset(cfg.data)
+    tokenizer, text_encoder, unet = build_models(cfg, run_tokenizer(cfg, accelerator, dataset, resume))
+    trained = [unet] + ([text_encoder] if cfg.text.train else [])
+    params = list(named_trained_params(trained).values())
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    sampler = EpochSampler(len(dataset), cfg.data.seed + t.seed)
+    dataloader = torch.utils.data.DataLoader(dataset, t.batch_size, sampler=sampler, drop_last=True,
+                                             num_workers=cfg.data.num_workers, collate_fn=_collate)
+    *models, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        *trained, optimizer, dataloader, make_lr_scheduler(optimizer, o, t.max_steps))
+    noise_scheduler = DDPMScheduler(num_train_timesteps=s.num_train_timesteps, beta_schedule=s.beta_schedule,
+                                    prediction_type=s.prediction_type)
+    ema = EMAModel(params, decay=t.ema_decay) if t.ema else None
+    text_model = models[1] if cfg.text.train else text_encoder.to(accelerator.device)
+    return Run(cfg, accelerator, models[0], text_model, tokenizer, trained, optimizer, lr_scheduler,
+               dataloader, sampler, noise_scheduler, ema, Path(t.output_dir))
+
+
+def _collate(items: list[dict]) -> dict:
+    # only what the loss reads: the shapes scenes' masks etc. stay out of the device transfer
+    return {"pixel_values": torch.stack([i["pixel_values"] for i in items]),
+            "text": [i["text"] for i in items]}
+
+
+def batch_stream(run: Run):
+    """Batches forever from the run's data position, advancing it."""
+    while True:
+        run.dataloader.set_epoch(run.epoch)
+        run.sampler.set_epoch(run.epoch)
+        skip = run.batch_in_epoch
+        for batch in run.accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader:
+            run.batch_in_epoch += 1
+            run.batches_seen += 1
+            yield batch
+        run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+
+
+def loss_fn(run: Run, batch: dict, micro: int) -> torch.Tensor:
+    """Diffusion loss of one micro-batch; `micro` (the global micro-step) keys noise and caption dropout."""
+    cfg, acc = run.cfg, run.accelerator
+    x0 = batch["pixel_values"]  # (B, C, H, W) in [-1, 1]
+    key = (cfg.train.seed, micro, acc.process_index)
+    gen = keyed_generator(_NOISE, *key)
+    noise = torch.randn(x0.shape, generator=gen).to(x0)
+    t = torch.randint(0, cfg.scheduler.num_train_timesteps, (x0.shape[0],), generator=gen).to(x0.device)
+    texts = drop_captions(batch["text"], cfg.train.caption_dropout, *key)
+    ids, mask = text_mod.tokenize(run.tokenizer, texts)
+    with torch.set_grad_enabled(cfg.text.train):
+        emb = run.text_encoder(ids.to(acc.device))[0]  # (B, S, D)
+    x_t = run.noise_scheduler.add_noise(x0, noise, t)
+    v = cfg.scheduler.prediction_type == "v_prediction"
+    target = run.noise_scheduler.get_velocity(x0, noise, t) if v else noise
+    pred = run.unet(x_t, t, encoder_hidden_states=emb, encoder_attention_mask=mask.to(acc.device)).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if cfg.train.snr_gamma is not None:
+        loss = loss * snr_loss_weight(run.noise_scheduler, t, cfg.train.snr_gamma)
+    if cfg.train.debug_nan_at_step == run.step + 1:
+        loss = loss * float("nan")
+    return loss.mean()
+
+
+def train_step(run: Run, batches: list[dict]) -> float:
+    """One optimizer step over the accumulated micro-batches; returns the loss (mean over ranks)."""
+    acc, g = run.accelerator, len(batches)
+    total = torch.zeros((), device=acc.device)
+    for j, batch in enumerate(batches):
+        with acc.accumulate(*run.trained):
+            loss = loss_fn(run, batch, run.step * g + j)
+            acc.backward(loss)  # divides by g
+        total += loss.detach()
+    loss = acc.reduce(total / g, reduction="mean")
+    if not torch.isfinite(loss):  # every rank sees the reduced loss, so all stop here, before the update
+        last = ckpt.latest_checkpoint(run.out / "checkpoints")
+        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {run.step + 1}; stopped without "
+                            f"saving. Last checkpoint: {last}")
+    if run.cfg.optim.max_grad_norm > 0:
+        acc.clip_grad_norm_(run.params, run.cfg.optim.max_grad_norm)
+    run.optimizer.step()
+    if not run.optimizer.step_was_skipped:  # fp16 overflow: the LR schedule waits too
+        run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.step(run.params)
+    run.step += 1
+    return loss.item()
+
+
+@contextlib.contextmanager
+def ema_weights(run: Run):
+    """The EMA weights in eval mode inside; the training weights (bit-exact) and train mode after."""
+    if run.ema is not None:
+        run.ema.store(run.params)
+        run.ema.copy_to(run.params)
+    for m in run.trained:
+        m.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        for m in run.trained:
+            m.train()
+        if run.ema is not None:
+            run.ema.restore(run.params)
+
+
+def make_pipeline(cfg: ExperimentConfig, unet, text_encoder, tokenizer) -> DiffXAttnPipeline:
+    """A pipeline with the config's sampler and default steps / guidance."""
+    s = cfg.scheduler
+    scheduler = make_scheduler(s.sampler, num_train_timesteps=s.num_train_timesteps,
+                               beta_schedule=s.beta_schedule, prediction_type=s.prediction_type)
+    pipe = DiffXAttnPipeline(unet, text_encoder, tokenizer, scheduler, default_steps=s.steps,
+                             default_guidance_scale=s.guidance_scale)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run_pipeline(run: Run) -> DiffXAttnPipeline:
+    unwrap = run.accelerator.unwrap_model
+    return make_pipeline(run.cfg, unwrap(run.unet), unwrap(run.text_encoder), run.tokenizer)
+
+
+def image_grid(images: list[Image.Image], labels: list[str], cell: int = 128) -> Image.Image:
+    """Images side by side, upscaled (nearest) to `cell` pixels, each with its wrapped label below."""
+    lines = [textwrap.wrap(label, max(1, cell // 6)) or [""] for label in labels]
+    grid = Image.new("RGB", (cell * len(images), cell + 12 * max(map(len, lines)) + 4), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (image, label) in enumerate(zip(images, lines)):
+        grid.paste(image.resize((cell, cell), Image.NEAREST), (k * cell, 0))
+        draw.multiline_text((k * cell + 2, cell + 2), "\n".join(label), fill="black", spacing=1)
+    return grid
+
+
+def validate(run: Run) -> None:
+    """Sample the validation prompts with EMA weights (fixed seeds); save a labelled grid and log it."""
+    log = run.cfg.logging
+    if run.accelerator.is_main_process:
+        prompts = list(log.validation_prompts)
+        gens = [torch.Generator().manual_seed(log.validation_seed + k) for k in range(len(prompts))]
+        with ema_weights(run):
+            grid = image_grid(_run_pipeline(run)(prompts, generator=gens).images, prompts)
+        path = run.out / "validation" / f"step-{run.step}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        if log.tensorboard:
+            writer = run.accelerator.get_tracker("tensorboard", unwrap=True)
+            writer.add_image("validation", np.asarray(grid), run.step, dataformats="HWC")
+    run.accelerator.wait_for_everyone()
+
+
+def save(run: Run) -> Path:
+    """A checkpoint: accelerate's states + data position, EMA (safetensors), config and tokenizer."""
+    state = {"step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
+             "num_processes": run.accelerator.num_processes}
+    ema = None
+    if run.ema is not None:
+        state["ema"] = {k: v for k, v in run.ema.state_dict().items() if k != "shadow_params"}
+        ema = dict(zip(named_trained_params(run.trained), run.ema.shadow_params))
+    tokenizer = None if run.cfg.text.pretrained else run.tokenizer
+    config = yaml.safe_dump(to_dict(run.cfg), sort_keys=False)
+    def write(folder: Path) -> None:
+        ckpt.write_trainer_files(folder, state, config, tokenizer, ema)
+
+    return ckpt.save_checkpoint(run.accelerator, run.out / "checkpoints", run.step, write,
+                                run.cfg.train.checkpoints_total_limit)
+
+
+def load(run: Run, folder: Path) -> None:
+    """Restore a checkpoint: accelerate's states (weights_only loads), then position and EMA."""
+    run.accelerator.load_state(str(folder))
+    state = ckpt.read_state(folder)
+    run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    if state["num_processes"] != run.accelerator.num_processes:
+        run.accelerator.print(f"warning: checkpoint written by {state['num_processes']} processes, resumed "
+                              f"with {run.accelerator.num_processes}: the data order differs from one run")
+    if run.ema is not None:
+        shadow = ckpt.read_ema(folder, str(run.accelerator.device))
+        params = [shadow[n] for n in named_trained_params(run.trained)]
+        run.ema.load_state_dict({**state["ema"], "shadow_params": params})
+
+
+def export_pipeline(run: Run, out: Path) -> None:
+    """Save the pipeline with EMA weights to `out` (replaced only once the new one is complete)."""
+    if run.accelerator.is_main_process:
+        with ema_weights(run):
+            _save_pipeline(_run_pipeline(run), out)
+    run.accelerator.wait_for_everyone()
+
+
+def _save_pipeline(pipe: DiffXAttnPipeline, out: Path) -> None:
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def export_checkpoint(folder: str | Path, out: str | Path) -> Path:
+    """A complete checkpoint as a pipeline folder (EMA weights if the run had EMA); reads no pickles."""
+    folder, out = Path(folder), Path(out)
+    if not ckpt.is_complete(folder):
+        raise ConfigError(f"{folder} is not a complete checkpoint (no {ckpt.MARKER} marker)")
+    cfg = load_config(folder / ckpt.CONFIG)
+    tokenizer = None if cfg.text.pretrained else CLIPTokenizer.from_pretrained(str(folder / ckpt.TOKENIZER))
+    tokenizer, text_encoder, unet = build_models(cfg, tokenizer)
+    trained = [unet] + ([text_encoder] if cfg.text.train else [])
+    for i, module in enumerate(trained):
+        module.load_state_dict(ckpt.read_model_weights(folder, i))
+    if (ema := ckpt.read_ema(folder)) is not None:
+        with torch.no_grad():
+            for name, p in named_trained_params(trained).items():
+                p.copy_(ema[name])
+    _save_pipeline(make_pipeline(cfg, unet, text_encoder, tokenizer), out)
+    return out
+
+
+def train(cfg: ExperimentConfig, resume: str | None = None) -> int:
+    t, out = cfg.train, Path(cfg.train.output_dir)
+    root = out / "checkpoints"
+    acc = make_accelerator(cfg)
+    if acc.is_main_process:  # clean up after killed saves before anyone picks a checkpoint
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale(root)
+    acc.wait_for_everyone()
+    if resume is None and ckpt.complete_checkpoints(root):
+        raise ConfigError(f"{root} already has checkpoints; pass --resume latest to continue, "
+                          "or choose another train.output_dir")
+    folder = (ckpt.latest_checkpoint(root) if resume == "latest" else Path(resume)) if resume else None
+    if resume and resume != "latest" and not ckpt.is_complete(folder):
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {ckpt.MARKER} marker)")
+    run = setup(cfg, acc, folder)
+    if folder is not None:
+        load(run, folder)
+    acc.print(f"resumed from {folder} at step {run.step}" if folder else f"new run in {out}")
+    if cfg.logging.tensorboard:
+        acc.init_trackers("tensorboard")  # the config is in every checkpoint (config.yaml)
+    stop = min(t.max_steps, t.stop_at_step or t.max_steps)
+    bar = tqdm(total=t.max_steps, initial=run.step, desc="train", unit="step",
+               disable=not acc.is_main_process)
+    stream, saved = batch_stream(run), run.step
+    try:
+        while run.step < stop:
+            loop_step(run, stream, bar)
+            if run.step % cfg.logging.validate_every == 0:
+                validate(run)
+            if run.step % t.checkpoint_every == 0 or run.step == stop:
+                save(run)
+                saved = run.step
+        if saved != run.step:  # nothing trained (resumed at the end): still leave a checkpoint here
+            save(run)
+        export_pipeline(run, out / "pipeline")
+    finally:
+        bar.close()
+        acc.end_training()  # also ends the process group: nothing collective after this
+    print(f"[rank {acc.process_index}/{acc.num_processes}] trained {run.batches_seen} batches "
+          f"({run.batches_seen * t.batch_size} images) to step {run.step}", flush=True)
+    acc.print(f"pipeline saved to {out / 'pipeline'}")
+    return 0
+
+
+def loop_step(run: Run, stream, bar: tqdm) -> None:
+    """One optimizer step of the loop: data, update, progress bar, scalars (validation/checkpoints aside)."""
+    t = run.cfg.train
+    start = time.perf_counter()
+    loss = train_step(run, [next(stream) for _ in range(t.gradient_accumulation_steps)])
+    images = t.batch_size * run.accelerator.num_processes * t.gradient_accumulation_steps
+    ips = images / (time.perf_counter() - start)
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}")
+    if run.step % run.cfg.logging.log_every == 0:
+        log_metrics(run, {"loss": loss, "lr": run.lr_scheduler.get_last_lr()[0], "images_per_s": ips})
+
+
+def log_metrics(run: Run, scalars: dict) -> None:
+    """TensorBoard (if enabled) and output_dir/metrics.jsonl (main process)."""
+    run.accelerator.log(scalars, step=run.step)
+    if run.accelerator.is_main_process:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": run.step, **scalars}) + "\n")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`CONFIG [OVERRIDES] [--resume X]` or `export CHECKPOINT -o OUT`; `--a.b 1` means `a.b=1`."""
+    args = []
+    for a in argv:
+        if args and args[-1].startswith("--") and "." in args[-1] and "=" not in args[-1]:
+            args[-1] = f"{args[-1][2:]}={a}"  # the value of `--section.key value`
+        else:
+            args.append(a[2:] if a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a else a)
+    p = argparse.ArgumentParser(prog="accelerate launch -m diffxattn.train",
+                                description=__doc__.split("\n")[0])
+    if args[:1] == ["export"]:
+        p.add_argument("command", choices=["export"])
+        p.add_argument("checkpoint", help="a checkpoint-N folder")
+        p.add_argument("-o", "--out", required=True, help="pipeline folder to write")
+    else:
+        p.add_argument("config", help="YAML experiment file")
+        p.add_argument("overrides", nargs="*", help="section.key=value")
+        p.add_argument("--resume", help="'latest' (the newest complete checkpoint) or a checkpoint folder")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_intermixed_args(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if getattr(args, "command", None) == "export":
+            print(f"pipeline saved to {export_checkpoint(args.checkpoint, args.out)}")
+            return 0
+        return train(load_config(args.config, args.overrides), args.resume)
+    except (ConfigError, NonFiniteLoss) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
