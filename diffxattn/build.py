@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from diffusers import UNet2DConditionModel
+from transformers import CLIPTokenizer
 
 from .config import DataConfig, ExperimentConfig, ModelConfig, TextConfig
 from .models import XAttnUNet
@@ -78,9 +79,27 @@ def build_pipeline(cfg: ExperimentConfig, captions: list[str] | None = None, wor
     if captions is None and not cfg.text.pretrained:
         captions = dataset_captions(build_dataset(cfg.data), cfg.text.vocab_captions)
     tokenizer, encoder = build_text(cfg.text, captions or [], workdir)
-    unet = build_unet(cfg.model, encoder.config.hidden_size)
+    return make_pipeline(cfg, build_unet(cfg.model, encoder.config.hidden_size), encoder, tokenizer)
+
+
+def build_models(cfg: ExperimentConfig, tokenizer: CLIPTokenizer | None):
+    """(tokenizer, text encoder, UNet): the pretrained text encoder, or a small one for `tokenizer`."""
+    t = cfg.text
+    if t.pretrained:
+        tokenizer, text_encoder = text_mod.load_text_encoder(t.pretrained)
+    else:
+        text_encoder = text_mod.build_text_encoder(tokenizer, t.hidden_size, t.num_layers, t.num_heads)
+    if not t.train:
+        text_encoder.requires_grad_(False).eval()
+    return tokenizer, text_encoder, build_unet(cfg.model, text_encoder.config.hidden_size)
+
+
+def make_pipeline(cfg: ExperimentConfig, unet, text_encoder, tokenizer) -> DiffXAttnPipeline:
+    """A pipeline with the config's sampler and default steps / guidance."""
     s = cfg.scheduler
-    scheduler = make_scheduler(s.sampler, num_train_timesteps=s.num_train_timesteps, beta_schedule=s.beta_schedule,
-                               prediction_type=s.prediction_type)
-    return DiffXAttnPipeline(unet, encoder, tokenizer, scheduler, default_steps=s.steps,
+    scheduler = make_scheduler(s.sampler, num_train_timesteps=s.num_train_timesteps,
+                               beta_schedule=s.beta_schedule, prediction_type=s.prediction_type)
+    pipe = DiffXAttnPipeline(unet, text_encoder, tokenizer, scheduler, default_steps=s.steps,
                              default_guidance_scale=s.guidance_scale)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -26,6 +26,11 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import CLIPTokenizer
+
+from .build import build_models, make_pipeline
+from .config import ConfigError, load_config
+from .pipeline import DiffXAttnPipeline
 
 MARKER, STATE, CONFIG = "COMPLETE", "trainer_state.json", "config.yaml"
 EMA, TOKENIZER = "ema.safetensors", "tokenizer"
@@ -163,3 +168,35 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             _fsync_file(Path(folder) / name)
         _fsync_dir(Path(folder))
+
+
+def named_trained_params(modules: list) -> dict[str, torch.nn.Parameter]:
+    """'0.conv_in.weight' (UNet), '1.text_model...' (text encoder): also the EMA file's keys."""
+    return {f"{i}.{n}": p for i, m in enumerate(modules) for n, p in m.named_parameters() if p.requires_grad}
+
+
+def save_pipeline(pipe: DiffXAttnPipeline, out: Path) -> None:
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def export_checkpoint(folder: str | Path, out: str | Path) -> Path:
+    """A complete checkpoint as a pipeline folder (EMA weights if the run had EMA); reads no pickles."""
+    folder, out = Path(folder), Path(out)
+    if not is_complete(folder):
+        raise ConfigError(f"{folder} is not a complete checkpoint (no {MARKER} marker)")
+    cfg = load_config(folder / CONFIG)
+    tokenizer = None if cfg.text.pretrained else CLIPTokenizer.from_pretrained(str(folder / TOKENIZER))
+    tokenizer, text_encoder, unet = build_models(cfg, tokenizer)
+    trained = [unet] + ([text_encoder] if cfg.text.train else [])
+    for i, module in enumerate(trained):
+        module.load_state_dict(read_model_weights(folder, i))
+    if (ema := read_ema(folder)) is not None:
+        with torch.no_grad():
+            for name, p in named_trained_params(trained).items():
+                p.copy_(ema[name])
+    save_pipeline(make_pipeline(cfg, unet, text_encoder, tokenizer), out)
+    return out

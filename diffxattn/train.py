@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import shutil
 import sys
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,16 +32,15 @@ from accelerate.utils import GradientAccumulationPlugin, set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
-from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from . import checkpoint as ckpt
-from .build import build_dataset, build_unet, dataset_captions
+from .build import build_dataset, build_models, dataset_captions, make_pipeline
 from .config import ConfigError, ExperimentConfig, OptimConfig, load_config, to_dict
 from .models import text as text_mod
 from .pipeline import DiffXAttnPipeline
-from .schedulers import make_scheduler
+from .samples import labelled_grid
 
 _NOISE, _DROPOUT = 1, 2  # stream ids of the keyed generators
 
@@ -120,24 +116,7 @@ class Run:
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
-        return list(named_trained_params(self.trained).values())
-
-
-def named_trained_params(modules: list) -> dict[str, torch.nn.Parameter]:
-    """'0.conv_in.weight' (UNet), '1.text_model...' (text encoder): also the EMA file's keys."""
-    return {f"{i}.{n}": p for i, m in enumerate(modules) for n, p in m.named_parameters() if p.requires_grad}
-
-
-def build_models(cfg: ExperimentConfig, tokenizer: CLIPTokenizer | None):
-    """(tokenizer, text encoder, UNet): the pretrained text encoder, or a small one for `tokenizer`."""
-    t = cfg.text
-    if t.pretrained:
-        tokenizer, text_encoder = text_mod.load_text_encoder(t.pretrained)
-    else:
-        text_encoder = text_mod.build_text_encoder(tokenizer, t.hidden_size, t.num_layers, t.num_heads)
-    if not t.train:
-        text_encoder.requires_grad_(False).eval()
-    return tokenizer, text_encoder, build_unet(cfg.model, text_encoder.config.hidden_size)
+        return list(ckpt.named_trained_params(self.trained).values())
 
 
 def run_tokenizer(cfg: ExperimentConfig, accelerator: Accelerator, dataset, resume: Path | None):
@@ -169,7 +148,7 @@ def setup(cfg: ExperimentConfig, accelerator: Accelerator, resume: Path | None) 
     dataset = build_dataset(cfg.data)
     tokenizer, text_encoder, unet = build_models(cfg, run_tokenizer(cfg, accelerator, dataset, resume))
     trained = [unet] + ([text_encoder] if cfg.text.train else [])
-    params = list(named_trained_params(trained).values())
+    params = list(ckpt.named_trained_params(trained).values())
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     sampler = EpochSampler(len(dataset), cfg.data.seed + t.seed)
     dataloader = torch.utils.data.DataLoader(dataset, t.batch_size, sampler=sampler, drop_last=True,
@@ -271,31 +250,9 @@ def ema_weights(run: Run):
             run.ema.restore(run.params)
 
 
-def make_pipeline(cfg: ExperimentConfig, unet, text_encoder, tokenizer) -> DiffXAttnPipeline:
-    """A pipeline with the config's sampler and default steps / guidance."""
-    s = cfg.scheduler
-    scheduler = make_scheduler(s.sampler, num_train_timesteps=s.num_train_timesteps,
-                               beta_schedule=s.beta_schedule, prediction_type=s.prediction_type)
-    pipe = DiffXAttnPipeline(unet, text_encoder, tokenizer, scheduler, default_steps=s.steps,
-                             default_guidance_scale=s.guidance_scale)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _run_pipeline(run: Run) -> DiffXAttnPipeline:
     unwrap = run.accelerator.unwrap_model
     return make_pipeline(run.cfg, unwrap(run.unet), unwrap(run.text_encoder), run.tokenizer)
-
-
-def image_grid(images: list[Image.Image], labels: list[str], cell: int = 128) -> Image.Image:
-    """Images side by side, upscaled (nearest) to `cell` pixels, each with its wrapped label below."""
-    lines = [textwrap.wrap(label, max(1, cell // 6)) or [""] for label in labels]
-    grid = Image.new("RGB", (cell * len(images), cell + 12 * max(map(len, lines)) + 4), "white")
-    draw = ImageDraw.Draw(grid)
-    for k, (image, label) in enumerate(zip(images, lines)):
-        grid.paste(image.resize((cell, cell), Image.NEAREST), (k * cell, 0))
-        draw.multiline_text((k * cell + 2, cell + 2), "\n".join(label), fill="black", spacing=1)
-    return grid
 
 
 def validate(run: Run) -> None:
@@ -305,7 +262,7 @@ def validate(run: Run) -> None:
         prompts = list(log.validation_prompts)
         gens = [torch.Generator().manual_seed(log.validation_seed + k) for k in range(len(prompts))]
         with ema_weights(run):
-            grid = image_grid(_run_pipeline(run)(prompts, generator=gens).images, prompts)
+            grid = labelled_grid(list(zip(prompts, _run_pipeline(run)(prompts, generator=gens).images)), len(prompts))
         path = run.out / "validation" / f"step-{run.step}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
@@ -322,7 +279,7 @@ def save(run: Run) -> Path:
     ema = None
     if run.ema is not None:
         state["ema"] = {k: v for k, v in run.ema.state_dict().items() if k != "shadow_params"}
-        ema = dict(zip(named_trained_params(run.trained), run.ema.shadow_params))
+        ema = dict(zip(ckpt.named_trained_params(run.trained), run.ema.shadow_params))
     tokenizer = None if run.cfg.text.pretrained else run.tokenizer
     config = yaml.safe_dump(to_dict(run.cfg), sort_keys=False)
     def write(folder: Path) -> None:
@@ -342,7 +299,7 @@ def load(run: Run, folder: Path) -> None:
                               f"with {run.accelerator.num_processes}: the data order differs from one run")
     if run.ema is not None:
         shadow = ckpt.read_ema(folder, str(run.accelerator.device))
-        params = [shadow[n] for n in named_trained_params(run.trained)]
+        params = [shadow[n] for n in ckpt.named_trained_params(run.trained)]
         run.ema.load_state_dict({**state["ema"], "shadow_params": params})
 
 
@@ -350,35 +307,8 @@ def export_pipeline(run: Run, out: Path) -> None:
     """Save the pipeline with EMA weights to `out` (replaced only once the new one is complete)."""
     if run.accelerator.is_main_process:
         with ema_weights(run):
-            _save_pipeline(_run_pipeline(run), out)
+            ckpt.save_pipeline(_run_pipeline(run), out)
     run.accelerator.wait_for_everyone()
-
-
-def _save_pipeline(pipe: DiffXAttnPipeline, out: Path) -> None:
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-
-
-def export_checkpoint(folder: str | Path, out: str | Path) -> Path:
-    """A complete checkpoint as a pipeline folder (EMA weights if the run had EMA); reads no pickles."""
-    folder, out = Path(folder), Path(out)
-    if not ckpt.is_complete(folder):
-        raise ConfigError(f"{folder} is not a complete checkpoint (no {ckpt.MARKER} marker)")
-    cfg = load_config(folder / ckpt.CONFIG)
-    tokenizer = None if cfg.text.pretrained else CLIPTokenizer.from_pretrained(str(folder / ckpt.TOKENIZER))
-    tokenizer, text_encoder, unet = build_models(cfg, tokenizer)
-    trained = [unet] + ([text_encoder] if cfg.text.train else [])
-    for i, module in enumerate(trained):
-        module.load_state_dict(ckpt.read_model_weights(folder, i))
-    if (ema := ckpt.read_ema(folder)) is not None:
-        with torch.no_grad():
-            for name, p in named_trained_params(trained).items():
-                p.copy_(ema[name])
-    _save_pipeline(make_pipeline(cfg, unet, text_encoder, tokenizer), out)
-    return out
 
 
 def train(cfg: ExperimentConfig, resume: str | None = None) -> int:
@@ -472,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         if getattr(args, "command", None) == "export":
-            print(f"pipeline saved to {export_checkpoint(args.checkpoint, args.out)}")
+            print(f"pipeline saved to {ckpt.export_checkpoint(args.checkpoint, args.out)}")
             return 0
         return train(load_config(args.config, args.overrides), args.resume)
     except (ConfigError, NonFiniteLoss) as e:

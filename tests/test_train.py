@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from diffxattn import DiffXAttnPipeline, XAttnUNet
 from diffxattn import checkpoint as ckpt
 from diffxattn import train as T
+from diffxattn.checkpoint import export_checkpoint
 from diffxattn.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,7 +194,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, ca
     assert json.loads((good / ckpt.STATE).read_text())["step"] == 2
     for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):  # torch files: weights_only loads
         accelerate_load(good / name, weights_only=True)
-    pipe = DiffXAttnPipeline.from_pretrained(T.export_checkpoint(good, tmp_path / "exported"))
+    pipe = DiffXAttnPipeline.from_pretrained(export_checkpoint(good, tmp_path / "exported"))
     assert torch.isfinite(torch.cat([p.flatten() for p in pipe.unet.parameters()])).all()
 
 

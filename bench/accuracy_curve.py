@@ -1,0 +1,57 @@
+"""All-correct accuracy of a run's checkpoints against training time (the data behind samples/accuracy.png).
+
+    python bench/accuracy_curve.py --metrics RUN/metrics.jsonl --batch 512 \
+        STEP:PIPELINE_DIR [STEP:PIPELINE_DIR ...] -o pipelines/shapes-32/curve.json
+
+Each checkpoint (exported as a pipeline with `python -m diffxattn.train export`) is scored with `evaluate`
+on 16 prompts per set, one seed, guidance 1; training time at a step comes from the run's logged images/s.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from diffxattn import DiffXAttnPipeline
+from diffxattn.eval.run import evaluate
+
+
+def seconds_at(metrics: Path, batch: int) -> dict[int, float]:
+    """Cumulative training seconds at each logged step (images between logs / logged images/s)."""
+    out, total, last = {0: 0.0}, 0.0, 0
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if "images_per_s" in rec:
+            total += (rec["step"] - last) * batch / rec["images_per_s"]
+            last = rec["step"]
+            out[last] = total
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("checkpoints", nargs="+", help="STEP:PIPELINE_DIR")
+    p.add_argument("--metrics", type=Path, required=True)
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("-o", "--out", type=Path, required=True)
+    args = p.parse_args()
+    times = seconds_at(args.metrics, args.batch)
+    points = []
+    for item in args.checkpoints:
+        step, folder = item.split(":", 1)
+        step = int(step)
+        pipe = DiffXAttnPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        report = evaluate(pipe, seeds=1, guidance_scales=(1.0,), guidance_scale=1.0, heatmaps=False, edits=False,
+                          sizes={"single": args.prompts, "two": args.prompts, "heldout": args.prompts})
+        near = min(times, key=lambda s: abs(s - step))
+        point = {"step": step, "minutes": times[near] / 60, **{k: v["all"] for k, v in report["sets"].items()}}
+        print(point, flush=True)
+        points.append(point)
+    args.out.write_text(json.dumps(points, indent=1))
+
+
+if __name__ == "__main__":
+    main()

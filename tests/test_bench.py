@@ -1,0 +1,83 @@
+"""The benchmark scripts run end to end (`--quick`: tiny sizes) and write results in the documented schema.
+
+Speed is not checked here (the machine is shared); the numbers must be positive and every ratio must be
+other / ours of the reported medians.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # ~20-45 s per script on 2 loaded cores
+
+
+def run_quick(script: str, out: Path) -> dict:
+    name = script.removeprefix("bench_")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # one thread: the quick runs only check the plumbing, and 2 threads on a loaded 2-core machine crawl
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick", "--threads", "1",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / f"{name}.json").read_text())
+    md = (out / f"{name}.md").read_text()
+    assert md.startswith("# ") and "| ratio" in md.replace("peak ratio", "| ratio") and "Machine:" in md
+    return data
+
+
+def check_common(data: dict, benchmark: str) -> None:
+    assert data["benchmark"] == benchmark and data["quick"] is True
+    m = data["machine"]
+    assert m["nproc"] >= 1 and m["threads"] == 1 and m["cpu"] and m["torch"]
+    assert data["comparisons"]
+    for row in data["comparisons"]:
+        assert {"metric", "ours", "other", "unit", "ours_value", "other_value", "ratio", "samples"} <= set(row)
+        assert row["ours_value"] > 0 and row["other_value"] > 0
+        assert row["ratio"] == pytest.approx(row["other_value"] / row["ours_value"], rel=1e-9)
+        samples = row["samples"]
+        assert all(x > 0 for x in samples["ours"] + samples["other"])
+        assert row["ratio"] == pytest.approx(statistics.median(samples["other"]) / statistics.median(samples["ours"]),
+                                             rel=1e-9)
+        if "target" in row:
+            op, value = row["target"].split()
+            expected = {">=": row["ratio"] >= float(value), "<=": row["ratio"] <= float(value),
+                        "==": row["ratio"] == pytest.approx(float(value))}[op]
+            assert row["met"] == expected
+
+
+def test_speed_compares_ours_with_two_diffusers_unets_of_matched_size(tmp_path):
+    data = run_quick("bench_speed", tmp_path)
+    check_common(data, "speed")
+    params = {name: d["params"] for name, d in data["models"].items()}
+    assert set(params) == {"ours", "diffusers-all", "diffusers-low"}
+    assert all(abs(n / params["ours"] - 1) <= 0.10 for n in params.values())
+    pairs = {(r["metric"], r["other"]) for r in data["comparisons"]}
+    assert pairs == {(m, o) for m in ("train", "sample") for o in ("diffusers-all", "diffusers-low")}
+    for r in data["comparisons"]:
+        assert len(r["samples"]["ours"]) == data["settings"]["train_repeats" if r["metric"] == "train"
+                                                           else "sample_repeats"]
+    for p in data["profiles"]:  # only for missed targets; quick sizes usually miss them
+        assert len(p["top"]) == 10 and all(t["self_cpu_ms"] >= 0 for t in p["top"])
+
+
+def test_attention_tools_measures_capture_edit_and_store_memory(tmp_path):
+    data = run_quick("bench_attention_tools", tmp_path)
+    check_common(data, "attention_tools")
+    rows = {r["metric"]: r for r in data["comparisons"]}
+    assert set(rows) == {"capture", "edit", "store memory"}
+    assert rows["store memory"]["ratio"] == 1.0 and rows["store memory"]["met"]  # summed maps: no growth with steps
+
+
+def test_memory_measures_each_loop_in_a_fresh_process(tmp_path):
+    data = run_quick("bench_memory", tmp_path)
+    check_common(data, "memory")
+    assert {(r["metric"], r["other"]) for r in data["comparisons"]} == {
+        (m, o) for m in ("train", "sample") for o in ("diffusers-all", "diffusers-low")}
+    for r in data["comparisons"]:
+        assert r["unit"] == "MiB"
+        assert 0 < r["base"]["ours"] < r["ours_value"] and 0 < r["base"]["other"] < r["other_value"]
