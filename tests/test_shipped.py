@@ -1,0 +1,39 @@
+"""The trained pipeline shipped in pipelines/shapes-32: its attention points where the words say."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffxattn import DiffXAttnPipeline
+from diffxattn.control import AttentionStore
+
+SHIPPED = Path(__file__).resolve().parent.parent / "pipelines" / "shapes-32"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    pipe = DiffXAttnPipeline.from_pretrained(SHIPPED, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_circle_attention_peaks_where_the_prompt_puts_it(shipped):
+    with AttentionStore(shipped) as store:
+        image = shipped("a red circle at the left", generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    circle = store.word_map("circle").numpy()  # (32, 32)
+    y, x = np.unravel_index(circle.argmax(), circle.shape)
+    assert x < 16  # the peak is in the left half
+    drawn = image.max(-1) > 0.4  # the object's pixels (black background)
+    assert drawn.any() and np.nonzero(drawn)[1].mean() < 16
+    assert circle[drawn].mean() > 1.1 * circle[~drawn].mean()  # the word attends to its object
+
+
+def test_shipped_pipeline_is_small_and_loads_with_plain_diffusers():
+    from diffusers import DiffusionPipeline
+
+    size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
+    assert size < 20 * 2**20
+    pipe = DiffusionPipeline.from_pretrained(SHIPPED)
+    assert type(pipe) is DiffXAttnPipeline and pipe.unet.dtype == torch.float16
