@@ -21,8 +21,22 @@ def run_quick(script: str, out: Path) -> dict:
     name = script.removeprefix("bench_")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # one thread: the quick runs only check the plumbing, and 2 threads on a loaded 2-core machine crawl
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick", "--threads", "1",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / f"{script}.py"),
+            "--quick",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / f"{name}.json").read_text())
     md = (out / f"{name}.md").read_text()
@@ -36,17 +50,29 @@ def check_common(data: dict, benchmark: str) -> None:
     assert m["nproc"] >= 1 and m["threads"] == 1 and m["cpu"] and m["torch"]
     assert data["comparisons"]
     for row in data["comparisons"]:
-        assert {"metric", "ours", "other", "unit", "ours_value", "other_value", "ratio", "samples"} <= set(row)
+        assert {
+            "metric",
+            "ours",
+            "other",
+            "unit",
+            "ours_value",
+            "other_value",
+            "ratio",
+            "samples",
+        } <= row.keys()
         assert row["ours_value"] > 0 and row["other_value"] > 0
         assert row["ratio"] == pytest.approx(row["other_value"] / row["ours_value"], rel=1e-9)
         samples = row["samples"]
         assert all(x > 0 for x in samples["ours"] + samples["other"])
-        assert row["ratio"] == pytest.approx(statistics.median(samples["other"]) / statistics.median(samples["ours"]),
-                                             rel=1e-9)
+        medians = statistics.median(samples["other"]) / statistics.median(samples["ours"])
+        assert row["ratio"] == pytest.approx(medians, rel=1e-9)
         if "target" in row:
             op, value = row["target"].split()
-            expected = {">=": row["ratio"] >= float(value), "<=": row["ratio"] <= float(value),
-                        "==": row["ratio"] == pytest.approx(float(value))}[op]
+            expected = {
+                ">=": row["ratio"] >= float(value),
+                "<=": row["ratio"] <= float(value),
+                "==": row["ratio"] == pytest.approx(float(value)),
+            }[op]
             assert row["met"] == expected
 
 
@@ -56,11 +82,15 @@ def test_speed_compares_ours_with_two_diffusers_unets_of_matched_size(tmp_path):
     params = {name: d["params"] for name, d in data["models"].items()}
     assert set(params) == {"ours", "diffusers-all", "diffusers-low"}
     assert all(abs(n / params["ours"] - 1) <= 0.10 for n in params.values())
+    s = data["settings"]
     pairs = {(r["metric"], r["other"]) for r in data["comparisons"]}
-    assert pairs == {(m, o) for m in ("train", "sample") for o in ("diffusers-all", "diffusers-low")}
+    assert pairs == {
+        (m, o) for m in ("train", "sample", "forward") for o in ("diffusers-all", "diffusers-low")
+    }
+    repeats = {"train": s["train_repeats"], "sample": s["sample_repeats"], "forward": s["forward_repeats"]}
     for r in data["comparisons"]:
-        assert len(r["samples"]["ours"]) == data["settings"]["train_repeats" if r["metric"] == "train"
-                                                           else "sample_repeats"]
+        assert len(r["samples"]["ours"]) == len(r["samples"]["other"]) == repeats[r["metric"]]
+        assert ("target" in r) == (r["metric"] != "forward")  # forward rows only explain the sampling ratio
     for p in data["profiles"]:  # only for missed targets; quick sizes usually miss them
         assert len(p["top"]) == 10 and all(t["self_cpu_ms"] >= 0 for t in p["top"])
 
@@ -70,14 +100,15 @@ def test_attention_tools_measures_capture_edit_and_store_memory(tmp_path):
     check_common(data, "attention_tools")
     rows = {r["metric"]: r for r in data["comparisons"]}
     assert set(rows) == {"capture", "edit", "store memory"}
-    assert rows["store memory"]["ratio"] == 1.0 and rows["store memory"]["met"]  # summed maps: no growth with steps
+    assert rows["store memory"]["ratio"] == 1.0 and rows["store memory"]["met"]  # summed maps: no growth
 
 
 def test_memory_measures_each_loop_in_a_fresh_process(tmp_path):
     data = run_quick("bench_memory", tmp_path)
     check_common(data, "memory")
     assert {(r["metric"], r["other"]) for r in data["comparisons"]} == {
-        (m, o) for m in ("train", "sample") for o in ("diffusers-all", "diffusers-low")}
+        (m, o) for m in ("train", "sample") for o in ("diffusers-all", "diffusers-low")
+    }
     for r in data["comparisons"]:
         assert r["unit"] == "MiB"
         assert 0 < r["base"]["ours"] < r["ours_value"] and 0 < r["base"]["other"] < r["other_value"]
