@@ -138,11 +138,22 @@ def markdown(data: dict) -> str:
                 r["other"],
                 vals[1],
                 f"{r['ratio']:.3f}x",
+                common.rounds_text(r) if r["unit"] != "bytes" else "",
                 r["target"],
                 "yes" if r["met"] else "**no**",
             ]
         )
-    headers = ["measure", "baseline", "value", "with the tool", "value", "ratio", "target", "met"]
+    headers = [
+        "measure",
+        "baseline",
+        "value",
+        "with the tool",
+        "value",
+        "ratio",
+        "per-round",
+        "target",
+        "met",
+    ]
     lines.append(common.markdown_table(headers, table))
     for p in data["profiles"]:
         lines += [

@@ -222,10 +222,12 @@ def markdown(data: dict) -> str:
             scale = 1 if r["metric"] == "sample" else 1000
             ours, theirs = f"{r['ours_value'] * scale:.3g}", f"{r['other_value'] * scale:.3g}"
         met = "" if "met" not in r else "yes" if r["met"] else "**no**"
-        table.append([measure, r["other"], ours, theirs, f"{r['ratio']:.2f}x", r.get("target", ""), met])
-    lines.append(
-        common.markdown_table(["measure", "other", "ours", "other's", "ratio", "target", "met"], table)
-    )
+        rounds = common.rounds_text(r)
+        table.append(
+            [measure, r["other"], ours, theirs, f"{r['ratio']:.2f}x", rounds, r.get("target", ""), met]
+        )
+    headers = ["measure", "other", "ours", "other's", "ratio", "per-round ratios", "target", "met"]
+    lines.append(common.markdown_table(headers, table))
     for p in data["profiles"]:
         what = (
             f"{s['profile_batch']}-image train step"

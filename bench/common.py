@@ -249,9 +249,15 @@ def comparison(
     per: float = 1.0,
     **extra,
 ) -> dict:
-    """A result row: medians (divided by `per`, e.g. images per call), ratio = other / ours, target check."""
+    """A result row: medians (divided by `per`, e.g. images per call), ratio = other / ours, target check.
+
+    With samples from `interleaved` (one per side per round), `round_ratios` are other / ours within each
+    round: on a shared machine they show whether load changed between rounds (loaded rounds compress
+    ratios, since both sides then wait on the scheduler)."""
     ov, tv = median(ours_samples) / per, median(other_samples) / per
     ratio = tv / ov
+    if len(ours_samples) == len(other_samples):
+        extra["round_ratios"] = [t / o for o, t in zip(ours_samples, other_samples, strict=True)]
     row = {
         "metric": metric,
         "ours": ours,
@@ -336,6 +342,11 @@ def profile_table(
         [[r["op"], f"{r['self_cpu_ms']:.1f}", f"{r['share']:.1%}", r["calls"]] for r in rows],
     )
     return md, rows, kinds
+
+
+def rounds_text(row: dict) -> str:
+    """Per-round ratios of a comparison row, e.g. '3.9 8.2 8.8'."""
+    return " ".join(f"{r:.2g}" for r in row.get("round_ratios", []))
 
 
 def kinds_line(kinds: dict[str, float]) -> str:

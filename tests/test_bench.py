@@ -66,6 +66,10 @@ def check_common(data: dict, benchmark: str) -> None:
         assert all(x > 0 for x in samples["ours"] + samples["other"])
         medians = statistics.median(samples["other"]) / statistics.median(samples["ours"])
         assert row["ratio"] == pytest.approx(medians, rel=1e-9)
+        pairs = zip(
+            samples["ours"], samples["other"], strict=True
+        )  # one sample per side per interleaved round
+        assert row["round_ratios"] == pytest.approx([t / o for o, t in pairs], rel=1e-9)
         if "target" in row:
             op, value = row["target"].split()
             expected = {
