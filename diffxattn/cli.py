@@ -103,7 +103,8 @@ def cmd_edit(args) -> None:
         cross[word] = replace_range(value)
     with AttentionStore(pipe) if args.heatmaps else contextlib.nullcontext() as store:
         source, edited = edit(pipe, args.source, args.to, cross_replace=cross, self_replace=replace_range(args.self_replace),
-                              local_blend=args.local_blend, seed=args.seed, num_inference_steps=args.steps,
+                              local_blend=args.local_blend, blend_threshold=args.blend_threshold, seed=args.seed,
+                              num_inference_steps=args.steps,
                               guidance_scale=args.guidance)
     pair = Image.new("RGB", (source.width * 2, source.height))
     pair.paste(source, (0, 0))
@@ -222,6 +223,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--cross-replace-word", nargs="+", metavar="WORD=RANGE", help="per-word cross-replace, e.g. blue=0.3")
     e.add_argument("--self-replace", default="0.4", help="fraction of steps or A:B for self-attention maps")
     e.add_argument("--local-blend", nargs="+", metavar="WORD", help="edit only where these words attend")
+    e.add_argument("--blend-threshold", type=float, default=0.3,
+                   help="local blend mask: where the words' min-max scaled maps exceed this (0..1)")
     e.add_argument("--heatmaps", metavar="DIR", help="also export both heatmap sets into DIR/source, DIR/edited")
     e.add_argument("--scale", type=int, default=1)
     e.add_argument("-o", "--out", default="edit.png")

@@ -60,7 +60,7 @@ class ModelConfig:
 
 @dataclass
 class TextConfig:
-    pretrained: str | None = None  # CLIP folder or hub id; None = build a small CLIP from the captions
+    pretrained: str | None = None  # CLIP folder, pipeline folder or hub id; None = build a small CLIP from the captions
     train: bool = True  # train jointly with the UNet (False = frozen)
     hidden_size: int = 128
     num_layers: int = 2

@@ -51,3 +51,6 @@ def test_edit_and_weighted_generate_from_the_command_line(tmp_path, tiny_pipe):
                      "--weight-mode", mode, "-o", str(tmp_path / f"{mode}.png")]) == 0
     r = run_cli("generate", "a (red:1.5 circle", "--pipeline", pipe)
     assert r.returncode == 2 and "^" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("edit", "a red circle", "--to", "a blue circle", "--pipeline", pipe, "--steps", "2",
+                "--local-blend", "circle", "--blend-threshold", "1.5")
+    assert r.returncode == 2 and "threshold 1.5 must be in [0, 1)" in r.stderr and "Traceback" not in r.stderr

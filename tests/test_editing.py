@@ -5,6 +5,7 @@ import torch
 from diffxattn.control import AttentionStore
 from diffxattn.control.edits import AttentionReweight, PromptToPrompt, embedding_weights, token_mapper
 from diffxattn.editing import edit, generate
+from diffxattn.models import text as text_mod
 from conftest import seeded
 
 KW = dict(output_type="np", guidance_scale=2.0)
@@ -46,6 +47,24 @@ def test_embedding_weight_one_is_identical_and_weights_move_the_embedding(tiny_p
     z_empty, _ = tiny_pipe.encode_prompt([""])
     torch.testing.assert_close(z2[0, 2], z_empty[0, 2] + 2 * (z[0, 2] - z_empty[0, 2]))
     torch.testing.assert_close(z2[0, 3], z[0, 3])
+
+def test_embedding_down_weight_fades_the_word_out_of_later_tokens(tiny_pipe):
+    """compel's down-weighting: lerp towards the prompt encoded with the word hidden from the other tokens."""
+    ids, _ = text_mod.tokenize(tiny_pipe.tokenizer, ["a red circle"])
+    hide = torch.zeros_like(ids, dtype=torch.bool)
+    hide[0, 2] = True  # BOS a [red] circle EOS
+    without = text_mod.encode(tiny_pipe.text_encoder, ids, hide)
+    z, _ = tiny_pipe.encode_prompt(["a red circle"])
+    assert torch.equal(without[0, :2], z[0, :2])  # causal: tokens before the word are unchanged
+    assert not torch.allclose(without[0, 3], z[0, 3])  # "circle" no longer carries "red"
+    z_empty, _ = tiny_pipe.encode_prompt([""])
+    zero, _ = embedding_weights(tiny_pipe, ["a (red:0) circle"], "compel")
+    torch.testing.assert_close(zero[0, 3:], without[0, 3:], atol=1e-4, rtol=0)  # weight 0: the word is gone
+    half, _ = embedding_weights(tiny_pipe, ["a (red:0.5) circle"], "compel")
+    base = z.clone()
+    base[0, 2] = z_empty[0, 2] + 0.5 * (z[0, 2] - z_empty[0, 2])
+    torch.testing.assert_close(half, (base + without) / 2)  # weight 0.5: half-way (lerp weight tan(pi/4) = 1)
+
 
 
 def test_token_mapper_swap_and_refine(tiny_pipe):

@@ -187,12 +187,14 @@ def test_quick_evaluate_report_has_every_key_with_scores_in_range(tiny_pipe):
     edits = report["edits"]
     assert set(edits["color_swap"]) == {"n", "target_color", "shape_kept", "position_kept", "mask_iou",
                                         "mask_iou_n"}
-    assert set(edits["reweight"]) == {"n", "weights", "spearman", "strength"}
+    assert set(edits["reweight"]) == {"attention", "embedding"}
+    for r in edits["reweight"].values():
+        assert set(r) == {"n", "weights", "spearman", "spearman_per_image", "strength"}
+        assert r["n"] == 2 and set(r["strength"]) == {f"{w:g}" for w in r["weights"]}
+        assert all(x is None or -1 <= x <= 1 for x in (r["spearman"], r["spearman_per_image"]))
     assert set(edits["local_blend"]) == {"n", "outside", "outside_no_blend", "inside", "mask_fraction"}
     assert edits["color_swap"]["n"] == edits["local_blend"]["n"] == 2
-    rho = edits["reweight"]["spearman"]
-    assert rho is None or -1 <= rho <= 1
-    for section in (edits["color_swap"], edits["local_blend"], edits["reweight"]["strength"]):
+    for section in (edits["color_swap"], edits["local_blend"], *(r["strength"] for r in edits["reweight"].values())):
         assert all(v is None or 0 <= v <= 1 for k, v in section.items() if k not in ("n", "mask_iou_n"))
     assert all(isinstance(v, (int, float, str, bool, type(None))) for v in _numbers(report))
     assert report["seconds"] > 0

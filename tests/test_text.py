@@ -1,3 +1,4 @@
+import copy
 import json
 
 import torch
@@ -35,3 +36,17 @@ def test_text_encoder_round_trips_through_a_folder(tiny_text, tmp_path):
     ids, _ = text_mod.tokenize(tok, ["a blue square"])
     with torch.no_grad():
         assert torch.equal(text_mod.encode(enc, ids), text_mod.encode(loaded, ids))
+
+
+def test_load_text_encoder_reads_clip_folders_and_pipeline_folders_in_fp32(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    copy.deepcopy(tiny_pipe.text_encoder).half().save_pretrained(tmp_path / "pipe" / "text_encoder")  # as shipped
+    tiny_pipe.tokenizer.save_pretrained(tmp_path / "clip")
+    tiny_pipe.text_encoder.save_pretrained(tmp_path / "clip")
+    ids, _ = text_mod.tokenize(tiny_pipe.tokenizer, ["a blue square"])
+    for folder in ("pipe", "clip"):
+        tok, enc = text_mod.load_text_encoder(tmp_path / folder)
+        assert enc.dtype == torch.float32 and tok("a blue square").input_ids == ids[0, :5].tolist()
+        with torch.no_grad():
+            expected = text_mod.encode(tiny_pipe.text_encoder, ids)
+            torch.testing.assert_close(text_mod.encode(enc, ids), expected, atol=1e-2 if folder == "pipe" else 0, rtol=0)

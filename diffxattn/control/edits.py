@@ -11,12 +11,15 @@ layout stays and only what the changed words say changes.
 from __future__ import annotations
 
 import difflib
+import itertools
+import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .. import prompts as prompt_syntax
+from ..models import text as text_mod
 from .processor import AttnCall, ControllerContext
 
 
@@ -138,12 +141,15 @@ class LocalBlend(ControllerContext):
     """Keep everything outside the edited words' region from the source image.
 
     After each step, target latents become source + mask * (target - source), where the mask is where the
-    cross-attention maps of `words` (in source or target) exceed `threshold` of their maximum, from
-    `start` (fraction of the run) on. Use `callback_on_step_end=blend.callback` in the pipeline call.
+    cross-attention maps of `words` (in source or target), summed over the steps so far as prompt-to-prompt
+    does, exceed `threshold` after min-max scaling, from `start` (fraction of the run) on. Use
+    `callback_on_step_end=blend.callback` in the pipeline call.
     """
 
     def __init__(self, pipe, prompts: list[str], words: list[str], *, threshold: float = 0.3, start: float = 0.2,
                  resolutions=None):
+        if not 0 <= threshold < 1:
+            raise ValueError(f"local blend threshold {threshold} must be in [0, 1)")
         super().__init__(pipe)
         self.threshold, self.start, self.resolutions = threshold, start, resolutions
         self.positions = []
@@ -152,7 +158,8 @@ class LocalBlend(ControllerContext):
             self.positions.append([p for w, pos in pairs if w in words for p in pos])
         if not any(self.positions):
             raise ValueError(f"local blend words {words} appear in neither prompt: {prompts}")
-        self.maps: list[torch.Tensor] = []
+        self.maps: list[torch.Tensor] = []  # this step's maps, one per layer
+        self.total: torch.Tensor | None = None  # (rows, 1, H, W) summed over the steps so far
         self.mask: torch.Tensor | None = None
 
     def wants(self, call: AttnCall) -> bool:
@@ -173,7 +180,9 @@ class LocalBlend(ControllerContext):
             size = latents.shape[-2:]
             maps = torch.stack([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
                                 for m in self.maps]).mean(0)  # (rows, 1, H, W)
-            maps = maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+            self.total = maps if self.total is None else self.total + maps
+            low = self.total.amin(dim=(-2, -1), keepdim=True)
+            maps = (self.total - low) / (self.total.amax(dim=(-2, -1), keepdim=True) - low).clamp_min(1e-12)
             self.mask = (maps > self.threshold).any(0, keepdim=True).to(latents.dtype)  # union over source/target
             self.maps = []
         if self.mask is not None and step / max(pipe._num_timesteps, 1) >= self.start:
@@ -186,7 +195,10 @@ class LocalBlend(ControllerContext):
 def embedding_weights(pipe, prompts: list[str], mode: str = "compel") -> tuple[torch.Tensor, torch.Tensor]:
     """Text embeddings with prompt weights applied to the token embeddings: (B, S, D), mask (B, S).
 
-    mode "compel": z_empty + w * (z - z_empty) per token (compel's blend towards the empty prompt);
+    mode "compel", as compel does it: every weighted token becomes z_empty + w * (z - z_empty); then each run
+    of tokens weighted below 1 is also faded out of the whole prompt by lerping towards the prompt encoded
+    with that run hidden from the other tokens (otherwise the later tokens of a causal text encoder still
+    carry it): lerp weight tan((1 - w) * pi / 2), so w = 0.5 is half-way and w = 0 removes the run.
     mode "a1111": z * w, then rescaled so the mean over the prompt's embeddings is unchanged.
     """
     if mode not in ("compel", "a1111"):
@@ -195,12 +207,34 @@ def embedding_weights(pipe, prompts: list[str], mode: str = "compel") -> tuple[t
     weights = token_weight_rows(pipe.tokenizer, prompts)
     z, mask = pipe.encode_prompt(clean)
     w = weights.to(z)[..., None]  # (B, S, 1)
-    if mode == "compel":
-        z_empty, _ = pipe.encode_prompt([""] * len(prompts))
-        return torch.where(w == 1, z, z_empty + w * (z - z_empty)), mask  # weight 1 keeps z bit for bit
-    scaled = z * w
-    scaled = scaled * (z.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True))
-    return scaled, mask
+    if mode == "a1111":
+        scaled = z * w
+        return scaled * (z.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True)), mask
+    z_empty, _ = pipe.encode_prompt([""] * len(prompts))
+    out = torch.where(w == 1, z, z_empty + w * (z - z_empty))  # weight 1 keeps z bit for bit
+    ids, _ = text_mod.tokenize(pipe.tokenizer, clean)
+    for i, row in enumerate(weights.tolist()):
+        runs = [r for r in _runs(row) if r[2] < 1]
+        if not runs:
+            continue
+        total, norm = out[i].clone(), 1.0
+        for start, length, v in runs:
+            hide = torch.zeros(1, ids.shape[1], dtype=torch.bool)
+            hide[0, start:start + length] = True
+            without = text_mod.encode(pipe.text_encoder, ids[i:i + 1], hide)[0].to(z)
+            lerp = math.tan((1.0 - max(v, 1e-5)) * math.pi / 2)
+            total, norm = total + lerp * without, norm + lerp
+        out[i] = total / norm
+    return out, mask
+
+
+def _runs(row: list[float]):
+    """(start, length, weight) of each run of equal consecutive weights."""
+    start = 0
+    for value, group in itertools.groupby(row):
+        length = len(list(group))
+        yield start, length, value
+        start += length
 
 
 def token_weight_rows(tokenizer, prompts: list[str]) -> torch.Tensor:

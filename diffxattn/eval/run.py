@@ -21,17 +21,19 @@ from tqdm.auto import tqdm
 
 from ..control.edits import LocalBlend, PromptToPrompt
 from ..control.store import AttentionStore, word_keys
+from ..data.captions import SHAPES
 from ..data.shapes import ShapesConfig
 from ..editing import edit, generate
 from . import metrics
 from .detector import detect, score_prompt
 from .prompts import SET_NAMES, color_swap, color_word_index, prompt_set, prompt_sets, reweighted
 
-__all__ = ["evaluate", "format_report", "DEFAULT_GUIDANCE", "QUICK_GUIDANCE", "REWEIGHTS"]
+__all__ = ["evaluate", "format_report", "DEFAULT_GUIDANCE", "QUICK_GUIDANCE", "REWEIGHTS", "REWEIGHT_MODES"]
 
 DEFAULT_GUIDANCE = (1.0, 2.0, 3.0, 5.0)
 QUICK_GUIDANCE = (1.0, 3.0)
 REWEIGHTS = (0.5, 0.75, 1.0, 1.5, 2.0)
+REWEIGHT_MODES = ("attention", "embedding")
 _QUICK_MAX_STEPS = 10
 
 
@@ -101,12 +103,15 @@ def _change(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
 
 def _edit_metrics(pipe, prompts: list[str], seeds, *, scale: float, steps: int, weights, holdout,
                   progress: bool = False) -> dict:
-    """Color swap, attention reweighting and local blend on single-object prompts."""
+    """Color swap, reweighting (attention and embedding modes) and local blend on single-object prompts."""
     kw = dict(num_inference_steps=steps, guidance_scale=scale)
-    swaps, rhos, blends = [], [], []
-    strengths = {w: [] for w in weights}
+    swaps, blends = [], []
+    strengths = {mode: {w: [] for w in weights} for mode in REWEIGHT_MODES}
+    rhos = {mode: [] for mode in REWEIGHT_MODES}
     for prompt in tqdm(prompts, desc="edits", disable=not progress, leave=False):
-        color = prompt.split()[color_word_index(prompt)]
+        words = prompt.split()
+        i = color_word_index(prompt)
+        color, shape = words[i], next(w for w in words[i:] if w in SHAPES)
         target = color_swap(prompt, holdout=holdout)
         new_color = target.split()[color_word_index(target)]
         for seed in seeds:
@@ -114,32 +119,43 @@ def _edit_metrics(pipe, prompts: list[str], seeds, *, scale: float, steps: int, 
             src, tgt = edit(pipe, prompt, target, seed=seed, output_type="np", **kw)
             src, tgt = metrics.to_uint8([src, tgt])
             swaps.append(metrics.swap_scores(src, tgt, new_color))
-            # (c) local blend: pixels outside the blend mask stay the source's
-            b_src, b_tgt, mask = _blend_edit(pipe, prompt, target, [color, new_color], seed, **kw)
+            # (c) local blend on the edited object's word: pixels outside the blend mask stay the source's
+            b_src, b_tgt, mask = _blend_edit(pipe, prompt, target, [shape], seed, **kw)
             blends.append({"outside": _change(b_src, b_tgt, ~mask), "inside": _change(b_src, b_tgt, mask),
                            "outside_no_blend": _change(src, tgt, ~mask), "mask_fraction": float(mask.mean())})
             # (b) reweight the color word: does its strength grow with the weight?
-            values = []
-            for w in weights:
-                out = generate(pipe, reweighted(prompt, w), weight_mode="attention",
-                               generator=_generators([seed]), output_type="np", **kw).images
-                values.append(metrics.color_strength(metrics.to_uint8(out)[0], color))
-                strengths[w].append(values[-1])
-            valid = [(w, v) for w, v in zip(weights, values) if v is not None]
-            rhos.append(metrics.spearman(*zip(*valid)) if len(valid) >= 3 else float("nan"))
-    defined = [r for r in rhos if not np.isnan(r)]
+            for mode in REWEIGHT_MODES:
+                values = []
+                for w in weights:
+                    out = generate(pipe, reweighted(prompt, w), weight_mode=mode,
+                                   generator=_generators([seed]), output_type="np", **kw).images
+                    values.append(metrics.color_strength(metrics.to_uint8(out)[0], color))
+                    strengths[mode][w].append(values[-1])
+                valid = [(w, v) for w, v in zip(weights, values) if v is not None]
+                rhos[mode].append(metrics.spearman(*zip(*valid)) if len(valid) >= 3 else float("nan"))
     return {
         "color_swap": {"n": len(swaps),
                        **{k: metrics.mean_or_none(s[k] for s in swaps)
                           for k in ("target_color", "shape_kept", "position_kept")},
                        "mask_iou": metrics.mean_or_none(s["mask_iou"] for s in swaps),
                        "mask_iou_n": sum(s["mask_iou"] is not None for s in swaps)},
-        "reweight": {"n": len(defined), "weights": list(weights), "spearman": metrics.mean_or_none(defined),
-                     "strength": {f"{w:g}": metrics.mean_or_none(v) for w, v in strengths.items()}},
+        "reweight": {mode: _reweight_summary(weights, strengths[mode], rhos[mode]) for mode in REWEIGHT_MODES},
         "local_blend": {"n": len(blends),
                         **{k: metrics.mean_or_none(b[k] for b in blends)
                            for k in ("outside", "outside_no_blend", "inside", "mask_fraction")}},
     }
+
+
+def _reweight_summary(weights, strengths: dict, rhos: list[float]) -> dict:
+    """spearman: rho between the weights and the mean color strength at each weight (the curve);
+    spearman_per_image: the mean of each image's own rho (ties, e.g. a color already at full strength,
+    pull it down)."""
+    curve = {f"{w:g}": metrics.mean_or_none(v) for w, v in strengths.items()}
+    points = [(w, c) for w, c in zip(weights, curve.values()) if c is not None]
+    defined = [r for r in rhos if not np.isnan(r)]
+    rho = metrics.spearman(*zip(*points)) if len(points) >= 3 else float("nan")
+    return {"n": len(rhos), "weights": list(weights), "spearman": None if np.isnan(rho) else rho,
+            "spearman_per_image": metrics.mean_or_none(defined), "strength": curve}
 
 
 def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_scales=None,
@@ -238,8 +254,10 @@ def format_report(report: dict) -> str:
         lines.append(f"color swap (n={cs['n']}): target color {_fmt(cs['target_color'], 0)}, shape kept "
                      f"{_fmt(cs['shape_kept'], 0)}, position kept {_fmt(cs['position_kept'], 0)}, "
                      f"mask IoU {_fmt(cs['mask_iou'], 0)}")
-        lines.append(f"reweight (n={rw['n']}): Spearman rho(weight, color strength) "
-                     f"{_fmt(rw['spearman'], 0)}")
+        for mode, r in rw.items():
+            curve = " ".join(f"{w}:{_fmt(v, 0)}" for w, v in r["strength"].items())
+            lines.append(f"reweight {mode} (n={r['n']}): Spearman rho(weight, color strength) "
+                         f"{_fmt(r['spearman'], 0)} (per image {_fmt(r['spearman_per_image'], 0)}); strength {curve}")
         lines.append(f"local blend (n={lb['n']}): change outside mask {_fmt(lb['outside'], 0)} "
                      f"(without blend {_fmt(lb['outside_no_blend'], 0)}), inside {_fmt(lb['inside'], 0)}")
     lines.append(f"\n{report['seconds']:.1f} s")

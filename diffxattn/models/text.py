@@ -22,13 +22,19 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 _WORD = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+", re.UNICODE)
 
 
-def load_text_encoder(name_or_path: str | os.PathLike, subfolder: str | None = None,
-                      torch_dtype: torch.dtype | None = None) -> tuple[CLIPTokenizer, CLIPTextModel]:
-    """Load a CLIP tokenizer + text model from a local folder or a hub id (pipeline folders: subfolder)."""
-    kw = {"subfolder": subfolder} if subfolder else {}
-    tokenizer = CLIPTokenizer.from_pretrained(str(name_or_path), **({"subfolder": "tokenizer"} if subfolder else {}))
-    model = CLIPTextModel.from_pretrained(str(name_or_path), torch_dtype=torch_dtype, **kw)
-    return tokenizer, model
+def load_text_encoder(name_or_path: str | os.PathLike,
+                      torch_dtype: torch.dtype = torch.float32) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """Load a CLIP tokenizer + text model (fp32 unless `torch_dtype` says otherwise) from a hub id or a folder.
+
+    A local pipeline folder (one with `text_encoder/` and `tokenizer/`, like `pipelines/shapes-32` or a
+    Stable Diffusion snapshot) is read from those two subfolders.
+    """
+    root = Path(name_or_path)
+    if (root / "text_encoder").is_dir() and (root / "tokenizer").is_dir():
+        return (CLIPTokenizer.from_pretrained(str(root / "tokenizer")),
+                CLIPTextModel.from_pretrained(str(root / "text_encoder"), torch_dtype=torch_dtype))
+    return (CLIPTokenizer.from_pretrained(str(name_or_path)),
+            CLIPTextModel.from_pretrained(str(name_or_path), torch_dtype=torch_dtype))
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -156,10 +162,13 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> tuple[torch.Tensor
     return enc.input_ids, enc.attention_mask.bool()
 
 
-def encode(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
+def encode(text_encoder: CLIPTextModel, input_ids: torch.Tensor, hide: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token text embeddings (B, S, D): the last hidden state, as Stable Diffusion uses it.
 
     CLIP's causal attention means padding after EOS cannot change earlier tokens, so no mask is needed here;
-    the UNet masks padding keys instead.
+    the UNet masks padding keys instead. `hide` (B, S) bool: tokens no other token may attend to inside the
+    encoder (compel's down-weighting), so later tokens carry nothing of them.
     """
-    return text_encoder(input_ids.to(text_encoder.device))[0]
+    if hide is None:
+        return text_encoder(input_ids.to(text_encoder.device))[0]
+    return text_encoder(input_ids.to(text_encoder.device), attention_mask=(~hide).long().to(text_encoder.device))[0]
