@@ -100,7 +100,6 @@ def model_config(name: str):
     if name == "ours":
         return cfg
     levels = None if name == "diffusers-all" else tuple(range(1, len(cfg.block_out_channels)))
-    # layers_per_block per level: UNet2DConditionModel accepts a tuple (ModelConfig types it as int)
     return dataclasses.replace(
         cfg, kind="diffusers", layers_per_block=DIFFUSERS_LAYERS_PER_BLOCK, diffusers_attention_levels=levels
     )

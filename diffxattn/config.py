@@ -47,7 +47,7 @@ class ModelConfig:
     kind: str = "xattn"  # "xattn" (XAttnUNet) or "diffusers" (UNet2DConditionModel, for comparisons)
     sample_size: int = 32
     block_out_channels: tuple[int, ...] = (32, 64, 96)
-    layers_per_block: int = 2
+    layers_per_block: int | tuple[int, ...] = 2  # ResBlocks per level: one for all, or one per level
     cross_attention_resolutions: tuple[int, ...] = (16, 8)
     self_attention_resolutions: tuple[int, ...] = (8,)
     num_heads: int = 4

@@ -62,3 +62,22 @@ def test_scheduler_keeps_training_settings_when_switched():
     euler = make_scheduler("euler", config=ddim.config)
     assert (euler.config.prediction_type, euler.config.beta_schedule, euler.config.num_train_timesteps) == (
         "epsilon", "linear", 500)
+
+
+def test_layers_per_block_per_level_from_a_config_file(tmp_path):
+    from diffxattn.build import build_unet
+    from diffxattn.config import ConfigError, load_config
+    (tmp_path / "c.yaml").write_text("model:\n  block_out_channels: [8, 16, 16]\n  layers_per_block: [2, 1, 1]\n"
+                                     "  num_heads: 2\n")
+    cfg = load_config(tmp_path / "c.yaml").model
+    assert cfg.layers_per_block == (2, 1, 1)
+    unet = build_unet(cfg, cross_attention_dim=32)
+    assert [len(b.resnets) for b in unet.down_blocks] == [2, 1, 1]
+    assert [len(b.resnets) for b in unet.up_blocks] == [2, 2, 3]  # reversed, + 1 each as in diffusers
+    out = unet(torch.randn(2, 3, 32, 32), torch.tensor([3, 500]), torch.randn(2, 4, 32)).sample
+    assert out.shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"layers_per_block=\(2, 1\) must be an int >= 1 or one such int per level"):
+        XAttnUNet(block_out_channels=(8, 16, 16), layers_per_block=(2, 1), num_heads=2)
+    (tmp_path / "bad.yaml").write_text("model:\n  layers_per_block: two\n")
+    with pytest.raises(ConfigError, match="model.layers_per_block"):
+        load_config(tmp_path / "bad.yaml")

@@ -87,7 +87,7 @@ class XAttnUNet(ModelMixin, ConfigMixin):
         in_channels: int = 3,
         out_channels: int = 3,
         block_out_channels: tuple[int, ...] = (32, 64, 96),
-        layers_per_block: int = 2,
+        layers_per_block: int | tuple[int, ...] = 2,
         cross_attention_resolutions: tuple[int, ...] = (16, 8),
         self_attention_resolutions: tuple[int, ...] = (8,),
         num_heads: int = 4,
@@ -107,6 +107,10 @@ class XAttnUNet(ModelMixin, ConfigMixin):
             if ch % num_heads:
                 raise ValueError(f"every block_out_channels entry must be divisible by num_heads={num_heads}, got {ch}")
         chs = list(block_out_channels)
+        layers = [layers_per_block] * len(chs) if isinstance(layers_per_block, int) else list(layers_per_block)
+        if len(layers) != len(chs) or min(layers) < 1:
+            raise ValueError(f"layers_per_block={layers_per_block} must be an int >= 1 or one such int per level "
+                             f"({len(chs)} levels)")
         resolutions = [sample_size // 2**i for i in range(len(chs))]
         known = set(resolutions)
         for name, res in (("cross_attention_resolutions", cross_attention_resolutions),
@@ -131,11 +135,11 @@ class XAttnUNet(ModelMixin, ConfigMixin):
         self.down_blocks = nn.ModuleList()
         skip_chs = [chs[0]]
         ch = chs[0]
-        for i, (out_ch, res) in enumerate(zip(chs, resolutions)):
+        for i, (out_ch, res, n) in enumerate(zip(chs, resolutions, layers)):
             last = i == len(chs) - 1
-            in_chs = [ch] + [out_ch] * (layers_per_block - 1)
+            in_chs = [ch] + [out_ch] * (n - 1)
             self.down_blocks.append(Level(in_chs, out_ch, temb_dim, attention(res), None if last else "down"))
-            skip_chs += [out_ch] * layers_per_block + ([] if last else [out_ch])
+            skip_chs += [out_ch] * n + ([] if last else [out_ch])
             ch = out_ch
 
         # mid: ResBlock, [transformer block as configured for the lowest resolution], ResBlock
@@ -145,10 +149,10 @@ class XAttnUNet(ModelMixin, ConfigMixin):
             self.mid_block.attentions = nn.ModuleList([TransformerBlock(ch, **mid_attention)])
 
         self.up_blocks = nn.ModuleList()
-        for i, (out_ch, res) in enumerate(zip(reversed(chs), reversed(resolutions))):
+        for i, (out_ch, res, n) in enumerate(zip(reversed(chs), reversed(resolutions), reversed(layers))):
             last = i == len(chs) - 1
             in_chs = []
-            for _ in range(layers_per_block + 1):
+            for _ in range(n + 1):
                 in_chs.append(ch + skip_chs.pop())
                 ch = out_ch
             self.up_blocks.append(Level(in_chs, out_ch, temb_dim, attention(res), None if last else "up"))
