@@ -37,13 +37,18 @@ MODELS = {
 
 # -- command line and machine --
 def parse_args(description: str, argv=None) -> argparse.Namespace:
+    return argument_parser(description).parse_args(argv)
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """--quick, --out and --threads, shared by every benchmark script."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny sizes and repeats (for the tests), same code")
     p.add_argument(
         "--out", default=str(ROOT / "bench" / "results"), help="folder for <name>.json and <name>.md"
     )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    return p.parse_args(argv)
+    return p
 
 
 _STARTED: dict = {}  # set by setup(): wall clock, process CPU time and load average when the benchmark began

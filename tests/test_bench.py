@@ -40,7 +40,8 @@ def run_quick(script: str, out: Path) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / f"{name}.json").read_text())
     md = (out / f"{name}.md").read_text()
-    assert md.startswith("# ") and "| ratio" in md.replace("peak ratio", "| ratio") and "Machine:" in md
+    assert md.startswith("# ") and "Machine:" in md
+    assert name == "quality" or "| ratio" in md.replace("peak ratio", "| ratio")
     return data
 
 
@@ -116,3 +117,21 @@ def test_memory_measures_each_loop_in_a_fresh_process(tmp_path):
     for r in data["comparisons"]:
         assert r["unit"] == "MiB"
         assert 0 < r["base"]["ours"] < r["ours_value"] and 0 < r["base"]["other"] < r["other_value"]
+
+
+def test_quality_trains_every_variant_for_the_same_time_and_scores_it(tmp_path):
+    data = run_quick("bench_quality", tmp_path)
+    assert data["benchmark"] == "quality" and data["quick"] is True and data["machine"]["threads"] == 1
+    variants = data["variants"]
+    assert set(variants) == {"ours", "diffusers-all", "diffusers-low", "cross-8", "cross-all", "self-all"}
+    s = data["settings"]
+    for name, v in variants.items():
+        assert v["images_per_s"] > 0 and v["sample_s_per_image"] > 0 and v["params"] > 0
+        assert v["steps"] == max(s["min_steps"], int(s["minutes"] * 60 * v["images_per_s"] / s["batch"]))
+        assert set(v["all"]) == {"single", "two", "heldout"} and all(0 <= a <= 1 for a in v["all"].values())
+    params = {n: v["params"] for n, v in variants.items()}
+    assert params["cross-8"] < params["ours"] < params["cross-all"]  # fewer / more cross-attention layers
+    assert all(abs(params[n] / params["ours"] - 1) <= 0.10 for n in ("diffusers-all", "diffusers-low"))
+    assert set(data["checks"]) == {"ours >= diffusers-all", "ours >= diffusers-low"}
+    md = (tmp_path / "quality.md").read_text()
+    assert "## Equal training time" in md and "## Where cross- and self-attention live" in md

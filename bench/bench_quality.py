@@ -1,0 +1,153 @@
+"""Equal-time quality and where cross-attention lives: UNet variants trained for the same wall time, then evaluated.
+
+    python bench/bench_quality.py [--minutes 10] [--variants ours diffusers-all ...] [--quick] [--out bench/results]
+
+Every variant trains with the project's trainer (`diffxattn.train.train`) on the shapes data, with the same
+frozen text encoder (`--text`, default the shipped pipeline's CLIP), batch, learning rate and threads, for the
+same wall time: a short probe run measures each variant's images/s with that trainer, and the real run gets
+max_steps = minutes * 60 * images/s / batch (so every cosine schedule runs to its end). Then each pipeline is
+scored by `evaluate` (all-correct accuracy per prompt set, shape-word heatmap IoU at the best threshold,
+guidance 1) and its sampling time per image is measured (30 DDIM steps, one image per call).
+
+Two tables come from the same runs:
+- equal time (issue target: ours' all-correct accuracy >= each diffusers UNet's): ours, diffusers-all, diffusers-low;
+- where attention lives: cross-attention at {8}, {16, 8} (ours), {32, 16, 8}; self-attention at {8} (ours), all.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+NAME = "quality"
+LAYERS = "[" + ", ".join(map(str, common.DIFFUSERS_LAYERS_PER_BLOCK)) + "]"
+VARIANTS = {  # name -> (description, config overrides)
+    "ours": ("XAttnUNet: cross-attn at 16, 8; self-attn at 8 (the default)", []),
+    "diffusers-all": (common.MODELS["diffusers-all"], ["model.kind=diffusers", f"model.layers_per_block={LAYERS}"]),
+    "diffusers-low": (common.MODELS["diffusers-low"], ["model.kind=diffusers", f"model.layers_per_block={LAYERS}",
+                                                       "model.diffusers_attention_levels=[1, 2]"]),
+    "cross-8": ("XAttnUNet: cross-attn at 8 only; self-attn at 8", ["model.cross_attention_resolutions=[8]"]),
+    "cross-all": ("XAttnUNet: cross-attn at 32, 16, 8; self-attn at 8",
+                  ["model.cross_attention_resolutions=[32, 16, 8]"]),
+    "self-all": ("XAttnUNet: cross-attn at 16, 8; self-attn at 32, 16, 8",
+                 ["model.self_attention_resolutions=[32, 16, 8]"]),
+}
+EQUAL_TIME = ("ours", "diffusers-all", "diffusers-low")
+ABLATION = ("cross-8", "ours", "cross-all", "self-all")
+
+
+def settings(quick: bool, minutes: float) -> dict:
+    if quick:
+        return dict(minutes=0.05, batch=4, probe_steps=3, min_steps=2, sizes=dict(single=1, two=1, heldout=1),
+                    eval_steps=2, sample_steps=2, sample_repeats=1)
+    return dict(minutes=minutes, batch=64, probe_steps=15, min_steps=50, sizes=dict(single=32, two=32, heldout=16),
+                eval_steps=30, sample_steps=30, sample_repeats=3)
+
+
+def train_variant(name: str, s: dict, text: str, workdir: Path) -> dict:
+    """Probe the variant's speed, then train it for s['minutes']; returns the run's facts and pipeline folder."""
+    from diffxattn.config import load_config
+    from diffxattn.train import train
+
+    base = [f"text.pretrained={text}", "text.train=false", f"train.batch_size={s['batch']}",
+            "logging.validate_every=1000000", "train.checkpoint_every=1000000", "logging.log_every=1",
+            "logging.tensorboard=false", *VARIANTS[name][1]]
+    probe = workdir / f"{name}-probe"
+    train(load_config(common.CONFIG, [*base, f"train.max_steps={s['probe_steps']}", f"train.output_dir={probe}"]))
+    logged = [json.loads(line) for line in (probe / "metrics.jsonl").read_text().splitlines()]
+    rate = common.median([r["images_per_s"] for r in logged[1:] or logged])  # the first step warms up
+    steps = max(s["min_steps"], int(s["minutes"] * 60 * rate / s["batch"]))
+    out = workdir / name
+    start = time.perf_counter()
+    train(load_config(common.CONFIG, [*base, f"train.max_steps={steps}", f"train.output_dir={out}"]))
+    return {"images_per_s": rate, "steps": steps, "train_s": time.perf_counter() - start,
+            "pipeline": out / "pipeline"}
+
+
+def score(folder: Path, s: dict) -> dict:
+    from diffxattn import DiffXAttnPipeline
+    from diffxattn.eval.run import evaluate
+
+    pipe = DiffXAttnPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    report = evaluate(pipe, seeds=1, guidance_scales=(1.0,), guidance_scale=1.0, steps=s["eval_steps"],
+                      sizes=s["sizes"], edits=False)
+    times = [common.timed(lambda: common.sample(pipe, s["sample_steps"])) for _ in range(s["sample_repeats"] + 1)]
+    return {"all": {k: v["all"] for k, v in report["sets"].items()},
+            "shape_iou_best": report["heatmap_iou"]["shape"]["iou@best"],
+            "params": common.num_params(pipe.unet), "sample_s_per_image": common.median(times[1:])}
+
+
+def run(args) -> dict:
+    common.setup(args.threads)
+    s = settings(args.quick, args.minutes)
+    names = args.variants or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="diffxattn-quality-") as tmp:
+        for name in names:
+            trained = train_variant(name, s, args.text, Path(tmp))
+            results[name] = {"description": VARIANTS[name][0], "overrides": VARIANTS[name][1],
+                             **{k: v for k, v in trained.items() if k != "pipeline"},
+                             **score(trained["pipeline"], s)}
+            print(name, json.dumps(results[name]), flush=True)
+    checks = {}
+    if "ours" in results:
+        for other in ("diffusers-all", "diffusers-low"):
+            if other in results:
+                mean = {n: sum(results[n]["all"].values()) / len(results[n]["all"]) for n in ("ours", other)}
+                checks[f"ours >= {other}"] = mean["ours"] >= mean[other]
+    return {"benchmark": NAME, "quick": args.quick, "machine": common.machine(), "settings": s,
+            "text_encoder": args.text, "variants": results, "checks": checks}
+
+
+def markdown(data: dict) -> str:
+    s, v = data["settings"], data["variants"]
+    lines = [f"# Equal-time quality and where attention lives{' (quick mode)' if data['quick'] else ''}", "",
+             common.machine_line(data["machine"], "the variants ran one after another"), "",
+             f"Each variant: {s['minutes']:g} min of training (steps = minutes x its probed images/s / batch "
+             f"{s['batch']}), text encoder `{data['text_encoder']}` frozen; then all-correct accuracy on "
+             f"{s['sizes']['single']}/{s['sizes']['two']}/{s['sizes']['heldout']} prompts (single/two/held-out), 1 seed, "
+             f"guidance 1, {s['eval_steps']} DDIM steps; shape-word heatmap IoU at the best threshold; sampling "
+             f"s/image at {s['sample_steps']} steps.", ""]
+    header = ["variant", "parameters", "train img/s", "steps", "single", "two", "held-out", "shape IoU",
+              "s/image"]
+
+    def rows(names):
+        return [[n, f"{v[n]['params']:,}", f"{v[n]['images_per_s']:.1f}", str(v[n]["steps"]),
+                 *(f"{v[n]['all'][k]:.2f}" for k in ("single", "two", "heldout")),
+                 "-" if v[n]["shape_iou_best"] is None else f"{v[n]['shape_iou_best']:.2f}",
+                 f"{v[n]['sample_s_per_image']:.2f}"] for n in names if n in v]
+
+    for title, names in (("Equal training time: ours vs diffusers", EQUAL_TIME),
+                         ("Where cross- and self-attention live (XAttnUNet)", ABLATION)):
+        if any(n in v for n in names):
+            lines += [f"## {title}", "", common.markdown_table(header, rows(names)), ""]
+    for check, ok in data["checks"].items():
+        lines.append(f"- mean all-correct accuracy, {check}: {'met' if ok else 'missed'}")
+    lines += ["", "| variant | what |", "|---|---|", *(f"| {n} | {v[n]['description']} |" for n in v)]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = common.argument_parser(__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=10.0, help="training wall time per variant")
+    p.add_argument("--variants", nargs="+", help=f"some of {list(VARIANTS)} (default: all)")
+    p.add_argument("--text", default=str(common.ROOT / "pipelines" / "shapes-32"),
+                   help="frozen text encoder: a CLIP or pipeline folder")
+    args = p.parse_args(argv)
+    data = run(args)
+    common.write_results(args.out, NAME, data, markdown(data))
+
+
+if __name__ == "__main__":
+    main()
