@@ -174,7 +174,7 @@ def text_components():
 
         cfg = load_config(CONFIG)
         captions = dataset_captions(build_dataset(cfg.data), 400)
-        _TEXT = build_text(cfg.text, captions, tempfile.mkdtemp(prefix="diffxattn-bench-tok-"))
+        _TEXT = build_text(cfg.text, captions=captions, workdir=tempfile.mkdtemp(prefix="diffxattn-bench-tok-"))
     return _TEXT
 
 

@@ -39,13 +39,19 @@ def dataset_captions(dataset, n: int) -> list[str]:
     return [dataset[i]["text"] for i in range(min(n, len(dataset)))]
 
 
-def build_text(cfg: TextConfig, captions: list[str], workdir: str | Path | None = None):
-    """(tokenizer, text_encoder): loaded from `cfg.pretrained`, or built small with a vocabulary learned from captions."""
+def build_text(cfg: TextConfig, tokenizer: CLIPTokenizer | None = None, captions: list[str] = (),
+               workdir: str | Path | None = None):
+    """(tokenizer, text_encoder): loaded from `cfg.pretrained`; else a small CLIP for `tokenizer`, or for a
+    vocabulary learned from `captions` (written to `workdir`). Frozen unless `cfg.train`."""
     if cfg.pretrained:
-        return text_mod.load_text_encoder(cfg.pretrained)
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="diffxattn-tokenizer-"))
-    tokenizer = text_mod.build_tokenizer(captions, workdir, max_length=cfg.max_length)
-    encoder = text_mod.build_text_encoder(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads)
+        tokenizer, encoder = text_mod.load_text_encoder(cfg.pretrained)
+    else:
+        if tokenizer is None:
+            workdir = Path(workdir or tempfile.mkdtemp(prefix="diffxattn-tokenizer-"))
+            tokenizer = text_mod.build_tokenizer(list(captions), workdir, max_length=cfg.max_length)
+        encoder = text_mod.build_text_encoder(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads)
+    if not cfg.train:
+        encoder.requires_grad_(False).eval()
     return tokenizer, encoder
 
 
@@ -78,19 +84,13 @@ def build_pipeline(cfg: ExperimentConfig, captions: list[str] | None = None, wor
     """A complete, untrained pipeline for an experiment config."""
     if captions is None and not cfg.text.pretrained:
         captions = dataset_captions(build_dataset(cfg.data), cfg.text.vocab_captions)
-    tokenizer, encoder = build_text(cfg.text, captions or [], workdir)
+    tokenizer, encoder = build_text(cfg.text, captions=captions or [], workdir=workdir)
     return make_pipeline(cfg, build_unet(cfg.model, encoder.config.hidden_size), encoder, tokenizer)
 
 
 def build_models(cfg: ExperimentConfig, tokenizer: CLIPTokenizer | None):
     """(tokenizer, text encoder, UNet): the pretrained text encoder, or a small one for `tokenizer`."""
-    t = cfg.text
-    if t.pretrained:
-        tokenizer, text_encoder = text_mod.load_text_encoder(t.pretrained)
-    else:
-        text_encoder = text_mod.build_text_encoder(tokenizer, t.hidden_size, t.num_layers, t.num_heads)
-    if not t.train:
-        text_encoder.requires_grad_(False).eval()
+    tokenizer, text_encoder = build_text(cfg.text, tokenizer)
     return tokenizer, text_encoder, build_unet(cfg.model, text_encoder.config.hidden_size)
 
 
