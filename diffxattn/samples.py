@@ -111,9 +111,10 @@ def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | No
     written.append(out / "edits.png")
 
     template, weights = REWEIGHT
-    strip = [(template.format(w=w), generate(pipe, template.format(w=w), generator=_seed(seed)).images[0])
-             for w in weights]
-    labelled_grid(strip, columns=len(strip)).save(out / "reweight.png")
+    strip = [(f"{mode}: {template.format(w=w)}",
+              generate(pipe, template.format(w=w), weight_mode=mode, generator=_seed(seed)).images[0])
+             for mode in ("attention", "embedding") for w in weights]
+    labelled_grid(strip, columns=len(weights)).save(out / "reweight.png")
     written.append(out / "reweight.png")
 
     if curve is not None and Path(curve).is_file():

@@ -1,0 +1,30 @@
+import json
+
+import numpy as np
+from PIL import Image
+
+from diffxattn.samples import EDITS, GALLERY, REWEIGHT, make_samples
+
+
+def test_samples_command_writes_every_picture_the_readme_shows(tiny_pipe, tmp_path):
+    curve = tmp_path / "curve.json"
+    curve.write_text(json.dumps([{"step": s, "minutes": m, "single": a, "two": a / 2, "heldout": None}
+                                 for s, m, a in ((300, 15.0, 0.2), (600, 30.0, 0.5), (900, 45.0, 0.6))]))
+    written = make_samples(tiny_pipe, tmp_path / "samples", curve=curve, screenshot=False)
+    names = {p.relative_to(tmp_path / "samples").as_posix() for p in written}
+    assert names == {"gallery.png", "heatmaps/grid.png", "edits.png", "reweight.png", "accuracy.png"}
+    assert (tmp_path / "samples" / "heatmaps" / "index.html").is_file()
+    sizes = {n: Image.open(tmp_path / "samples" / n).size for n in names}
+    cell = 128
+    assert sizes["gallery.png"][0] == 6 * cell and sizes["edits.png"][0] == 4 * cell
+    rows = lambda n_cells, columns: -(-n_cells // columns)  # noqa: E731
+    assert sizes["gallery.png"][1] > rows(len(GALLERY), 6) * cell
+    assert sizes["edits.png"][1] > rows(2 * len(EDITS), 4) * cell  # source + edit per pair
+    assert sizes["reweight.png"][0] == len(REWEIGHT[1]) * cell
+    assert sizes["reweight.png"][1] > 2 * cell  # two rows: attention mode, then embedding mode
+    chart = np.asarray(Image.open(tmp_path / "samples" / "accuracy.png").convert("RGB"))
+    assert chart.shape == (360, 640, 3)
+    chart = chart[:, :640 - 170]  # the plot area, without the legend
+    blue, orange = np.array([31, 119, 180]), np.array([255, 127, 14])  # the "single" and "two" series
+    assert (chart == blue).all(-1).sum() > 50 and (chart == orange).all(-1).sum() > 50
+    assert not (chart == np.array([44, 160, 44])).all(-1).any()  # "heldout" had no points: no line
