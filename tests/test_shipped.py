@@ -37,3 +37,16 @@ def test_shipped_pipeline_is_small_and_loads_with_plain_diffusers():
     assert size < 20 * 2**20
     pipe = DiffusionPipeline.from_pretrained(SHIPPED)
     assert type(pipe) is DiffXAttnPipeline
+
+
+def test_local_blend_mask_covers_the_object_and_keeps_the_rest(shipped):
+    from diffxattn.eval.detector import detect
+    from diffxattn.eval.run import _blend_edit
+
+    src, tgt, mask = _blend_edit(shipped, "a red circle at the left", "a green circle at the left", ["circle"], 0)
+    objects = detect(src)
+    assert objects and objects[0].color == "red"
+    assert mask.mean() < 0.9 and mask[objects[0].mask].mean() > 0.9  # a region around the object, not everything
+    assert np.abs(src.astype(float) - tgt)[~mask].mean() < 2  # outside: the source's pixels (< 2 of 255 levels)
+    edited = detect(tgt)
+    assert edited and edited[0].color == "green"

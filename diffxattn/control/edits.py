@@ -141,17 +141,18 @@ class LocalBlend(ControllerContext):
     """Keep everything outside the edited words' region from the source image.
 
     After each step, target latents become source + mask * (target - source), where the mask is where the
-    cross-attention maps of `words` (in source or target), summed over the steps so far as prompt-to-prompt
-    does, exceed `threshold` after min-max scaling, from `start` (fraction of the run) on. Use
+    cross-attention maps of `words` (in source or target), summed over the steps so far and max-pooled over
+    `dilate` latent pixels as prompt-to-prompt does, exceed `threshold` after min-max scaling, from `start`
+    (fraction of the run) on. Use
     `callback_on_step_end=blend.callback` in the pipeline call.
     """
 
     def __init__(self, pipe, prompts: list[str], words: list[str], *, threshold: float = 0.3, start: float = 0.2,
-                 resolutions=None):
+                 resolutions=None, dilate: int = 2):
         if not 0 <= threshold < 1:
             raise ValueError(f"local blend threshold {threshold} must be in [0, 1)")
         super().__init__(pipe)
-        self.threshold, self.start, self.resolutions = threshold, start, resolutions
+        self.threshold, self.start, self.resolutions, self.dilate = threshold, start, resolutions, dilate
         self.positions = []
         for prompt in prompts:
             pairs = prompt_syntax.word_token_map(prompt_syntax.clean_text(prompt), pipe.tokenizer)
@@ -181,8 +182,10 @@ class LocalBlend(ControllerContext):
             maps = torch.stack([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
                                 for m in self.maps]).mean(0)  # (rows, 1, H, W)
             self.total = maps if self.total is None else self.total + maps
-            low = self.total.amin(dim=(-2, -1), keepdim=True)
-            maps = (self.total - low) / (self.total.amax(dim=(-2, -1), keepdim=True) - low).clamp_min(1e-12)
+            k = self.dilate  # max-pool, as prompt-to-prompt does, so the mask's edge does not cut the object
+            maps = F.max_pool2d(self.total, 2 * k + 1, stride=1, padding=k) if k else self.total
+            low = maps.amin(dim=(-2, -1), keepdim=True)
+            maps = (maps - low) / (maps.amax(dim=(-2, -1), keepdim=True) - low).clamp_min(1e-12)
             self.mask = (maps > self.threshold).any(0, keepdim=True).to(latents.dtype)  # union over source/target
             self.maps = []
         if self.mask is not None and step / max(pipe._num_timesteps, 1) >= self.start:
