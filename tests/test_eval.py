@@ -11,7 +11,7 @@ from diffxattn.data import ShapesConfig, parse_caption, parse_caption_words, ren
 from diffxattn.editing import edit
 from diffxattn.eval import metrics
 from diffxattn.eval.detector import detect
-from diffxattn.eval.prompts import FULL_SIZES, QUICK_SIZES, color_swap, prompt_sets, reweighted
+from diffxattn.eval.prompts import FULL_SIZES, QUICK_SIZES, color_swap, first_object, prompt_sets, reweighted
 from diffxattn.eval.run import _blend_edit, _HeatmapTally, evaluate
 
 SHIPPED = Path(__file__).resolve().parent.parent / "pipelines" / "shapes-32"
@@ -59,6 +59,7 @@ def test_color_swap_and_reweight_prompts():
     assert color_swap("a small orange square at the top") == "a small green square at the top"
     assert color_swap("a yellow diamond at the right") == "a blue diamond at the right"
     assert reweighted("a small red circle at the left", 1.5) == "a small (red:1.5) circle at the left"
+    assert first_object("a small red circle left of a blue square") == (2, "red", "circle")
 
 
 @pytest.mark.parametrize("size", [16, 32])

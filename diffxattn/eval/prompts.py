@@ -21,7 +21,7 @@ from ..data.captions import COLORS, POSITIONS, RELATIONS, SHAPES, build_caption
 from ..data.shapes import ShapesConfig
 
 __all__ = ["SET_NAMES", "FULL_SIZES", "QUICK_SIZES", "prompt_set", "prompt_sets", "color_swap", "reweighted",
-           "color_word_index"]
+           "color_word_index", "first_object"]
 
 SET_NAMES = ("single", "two", "heldout")
 FULL_SIZES = {"single": 64, "two": 64, "heldout": 32}
@@ -79,13 +79,19 @@ def color_word_index(prompt: str) -> int:
     return next(i for i, w in enumerate(prompt.split()) if w in COLORS)
 
 
+def first_object(prompt: str) -> tuple[int, str, str]:
+    """(index in `prompt.split()` of the first color word, that color, the shape word it describes)."""
+    words = prompt.split()
+    i = color_word_index(prompt)
+    return i, words[i], next(w for w in words[i:] if w in SHAPES)
+
+
 def color_swap(prompt: str, *, holdout=None) -> str:
     """The prompt with its (first) object's color replaced by the next color, in palette order,
     that makes a training pair with its shape: "a red circle at the left" -> "an orange circle ..."."""
     holdout = ShapesConfig().holdout if holdout is None else tuple(tuple(p) for p in holdout)
     words = prompt.split()
-    i = color_word_index(prompt)
-    shape = next(w for w in words[i:] if w in SHAPES)
+    i, _, shape = first_object(prompt)
     names = list(COLORS)
     start = names.index(words[i])
     for k in range(1, len(names)):

@@ -21,12 +21,11 @@ from tqdm.auto import tqdm
 
 from ..control.edits import LocalBlend, PromptToPrompt
 from ..control.store import AttentionStore, word_keys
-from ..data.captions import SHAPES
 from ..data.shapes import ShapesConfig
 from ..editing import edit, generate
 from . import metrics
 from .detector import detect, score_prompt
-from .prompts import SET_NAMES, color_swap, color_word_index, prompt_set, prompt_sets, reweighted
+from .prompts import SET_NAMES, color_swap, color_word_index, first_object, prompt_set, prompt_sets, reweighted
 
 __all__ = ["evaluate", "format_report", "DEFAULT_GUIDANCE", "QUICK_GUIDANCE", "REWEIGHTS", "REWEIGHT_MODES"]
 
@@ -109,9 +108,7 @@ def _edit_metrics(pipe, prompts: list[str], seeds, *, scale: float, steps: int, 
     strengths = {mode: {w: [] for w in weights} for mode in REWEIGHT_MODES}
     rhos = {mode: [] for mode in REWEIGHT_MODES}
     for prompt in tqdm(prompts, desc="edits", disable=not progress, leave=False):
-        words = prompt.split()
-        i = color_word_index(prompt)
-        color, shape = words[i], next(w for w in words[i:] if w in SHAPES)
+        _, color, shape = first_object(prompt)
         target = color_swap(prompt, holdout=holdout)
         new_color = target.split()[color_word_index(target)]
         for seed in seeds:
