@@ -129,9 +129,13 @@ def test_quality_trains_every_variant_for_the_same_time_and_scores_it(tmp_path):
         assert v["images_per_s"] > 0 and v["sample_s_per_image"] > 0 and v["params"] > 0
         assert v["steps"] == max(s["min_steps"], int(s["minutes"] * 60 * v["images_per_s"] / s["batch"]))
         assert set(v["all"]) == {"single", "two", "heldout"} and all(0 <= a <= 1 for a in v["all"].values())
+        assert v["final_loss"] > 0 and 0 <= v["mean_attribute"] <= 1
+        accuracies = [a for acc in v["attributes"].values() for a in acc.values() if a is not None]
+        assert v["mean_attribute"] == pytest.approx(sum(accuracies) / len(accuracies))
     params = {n: v["params"] for n, v in variants.items()}
     assert params["cross-8"] < params["ours"] < params["cross-all"]  # fewer / more cross-attention layers
     assert all(abs(params[n] / params["ours"] - 1) <= 0.10 for n in ("diffusers-all", "diffusers-low"))
-    assert set(data["checks"]) == {"ours >= diffusers-all", "ours >= diffusers-low"}
+    assert set(data["checks"]) == {f"ours >= {o}{k}" for o in ("diffusers-all", "diffusers-low")
+                                   for k in (", mean all-correct accuracy", ", mean attribute accuracy")}
     md = (tmp_path / "quality.md").read_text()
     assert "## Equal training time" in md and "## Where cross- and self-attention live" in md
