@@ -134,18 +134,20 @@ def markdown(data: dict) -> str:
     lines = [f"# Equal-time quality and where attention lives{' (quick mode)' if data['quick'] else ''}", "",
              common.machine_line(data["machine"], "the variants ran one after another"), "",
              f"Each variant: {s['minutes']:g} min of training (steps = minutes x its probed images/s / batch "
-             f"{s['batch']}, at least {s['min_steps']}; train min: the wall time it took), text encoder `{data['text_encoder']}` frozen; then all-correct accuracy on "
-             f"{s['sizes']['single']}/{s['sizes']['two']}/{s['sizes']['heldout']} prompts (single/two/held-out), 1 seed, "
-             f"guidance 1, {s['eval_steps']} DDIM steps; shape-word heatmap IoU at the best threshold; sampling "
-             f"s/image at {s['sample_steps']} steps. single/two/held-out: all-correct accuracy; attributes: the mean of "
-             f"the per-attribute accuracies (count, color, shape, position or relation, size) over the three sets; "
+             f"{s['batch']}, at least {s['min_steps']}; train min: the wall time it took), text encoder "
+             f"`{data['text_encoder']}` frozen; then all-correct accuracy on {s['sizes']['single']}/"
+             f"{s['sizes']['two']}/{s['sizes']['heldout']} prompts (single/two/held-out), 1 seed, guidance 1, "
+             f"{s['eval_steps']} DDIM steps; shape-word heatmap IoU at the best threshold; sampling s/image at "
+             f"{s['sample_steps']} steps. single/two/held-out: all-correct accuracy; attributes: the mean of the "
+             f"per-attribute accuracies (count, color, shape, position or relation, size) over the three sets; "
              f"final loss: median training loss over the last tenth of the logged steps.", ""]
-    header = ["variant", "parameters", "train img/s", "steps", "train min", "final loss", "single", "two", "held-out",
-              "attributes", "shape IoU", "s/image"]
+    header = ["variant", "parameters", "train img/s", "steps", "train min", "final loss", "single", "two",
+              "held-out", "attributes", "shape IoU", "s/image"]
 
     def rows(names):
         return [[n, f"{v[n]['params']:,}", f"{v[n]['images_per_s']:.1f}", str(v[n]["steps"]),
-                 f"{v[n]['train_s'] / 60:.1f}", f"{v[n]['final_loss']:.4f}", *(f"{v[n]['all'][k]:.2f}" for k in ("single", "two", "heldout")),
+                 f"{v[n]['train_s'] / 60:.1f}", f"{v[n]['final_loss']:.4f}",
+                 *(f"{v[n]['all'][k]:.2f}" for k in ("single", "two", "heldout")),
                  f"{v[n]['mean_attribute']:.2f}",
                  "-" if v[n]["shape_iou_best"] is None else f"{v[n]['shape_iou_best']:.2f}",
                  f"{v[n]['sample_s_per_image']:.2f}"] for n in names if n in v]
