@@ -6,9 +6,9 @@ Every variant trains with the project's trainer (`diffxattn.train.train`) on the
 frozen text encoder (`--text`, default the shipped pipeline's CLIP), batch, learning rate (warm-up: a tenth of
 the run) and threads, for the same wall time: a short probe run measures each variant's images/s with that
 trainer, and the real run gets max_steps = minutes * 60 * images/s / batch (so every cosine schedule runs to
-its end). Then each pipeline is
-scored by `evaluate` (all-correct accuracy per prompt set, shape-word heatmap IoU at the best threshold,
-guidance 1) and its sampling time per image is measured (30 DDIM steps, one image per call).
+its end). Then each pipeline is scored by `evaluate` (all-correct accuracy per prompt set, shape-word heatmap
+IoU at the best threshold, guidance 1) and its sampling time per image is measured (30 DDIM steps, one image
+per call).
 
 Two tables come from the same runs:
 - equal time (issue target: ours' all-correct accuracy >= each diffusers UNet's; also compared on the mean
