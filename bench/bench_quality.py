@@ -64,7 +64,7 @@ def train_variant(name: str, s: dict, text: str, workdir: Path) -> dict:
             "logging.tensorboard=false", *VARIANTS[name][1]]
     probe = workdir / f"{name}-probe"
     train(load_config(common.CONFIG, [*base, f"train.max_steps={s['probe_steps']}", f"train.output_dir={probe}"]))
-    logged = [json.loads(line) for line in (probe / "metrics.jsonl").read_text().splitlines()]
+    logged = _logged(probe)
     rate = common.median([r["images_per_s"] for r in logged[1:] or logged])  # the first step warms up
     # min_steps: a floor, so a very slow variant still gets a schedule; it then trains longer than the rest
     # (its train_s shows it), which favours it, not ours
@@ -75,11 +75,15 @@ def train_variant(name: str, s: dict, text: str, workdir: Path) -> dict:
     warmup = f"optim.warmup_steps={max(1, steps // 10)}"
     train(load_config(common.CONFIG, [*base, warmup, f"train.max_steps={steps}", f"train.output_dir={out}"]))
     train_s = time.perf_counter() - start
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in logged if "loss" in r]
+    losses = [r["loss"] for r in _logged(out) if "loss" in r]
     return {"images_per_s": rate, "steps": steps, "train_s": train_s,
             "final_loss": common.median(losses[-max(1, len(losses) // 10):]), "pipeline": out / "pipeline"}
 
+
+
+def _logged(run_dir: Path) -> list[dict]:
+    """The rows of a training run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 def score(folder: Path, s: dict) -> dict:
     from diffxattn import DiffXAttnPipeline

@@ -25,7 +25,7 @@ from ..data.shapes import ShapesConfig
 from ..editing import edit, generate
 from . import metrics
 from .detector import detect, score_prompt
-from .prompts import SET_NAMES, color_swap, color_word_index, first_object, prompt_set, prompt_sets, reweighted
+from .prompts import SET_NAMES, color_swap, first_object, prompt_set, prompt_sets, reweighted
 
 __all__ = ["evaluate", "format_report", "DEFAULT_GUIDANCE", "QUICK_GUIDANCE", "REWEIGHTS", "REWEIGHT_MODES"]
 
@@ -110,7 +110,7 @@ def _edit_metrics(pipe, prompts: list[str], seeds, *, scale: float, steps: int, 
     for prompt in tqdm(prompts, desc="edits", disable=not progress, leave=False):
         _, color, shape = first_object(prompt)
         target = color_swap(prompt, holdout=holdout)
-        new_color = target.split()[color_word_index(target)]
+        new_color = first_object(target)[1]
         for seed in seeds:
             # (a) word swap: the color changes, the object stays
             src, tgt = edit(pipe, prompt, target, seed=seed, output_type="np", **kw)
