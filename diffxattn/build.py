@@ -8,7 +8,7 @@ from pathlib import Path
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTokenizer
 
-from .config import DataConfig, ExperimentConfig, ModelConfig, TextConfig
+from .config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TextConfig
 from .models import XAttnUNet
 from .models import text as text_mod
 from .pipeline import DiffXAttnPipeline
@@ -21,7 +21,7 @@ def build_dataset(cfg: DataConfig, split: str = "train"):
         from .data.shapes import ShapesConfig, ShapesDataset
 
         kw = dict(size=cfg.size, min_objects=cfg.min_objects, max_objects=cfg.max_objects,
-                  two_object_prob=cfg.two_object_prob, seed=cfg.seed, split=split)
+                  two_object_prob=cfg.two_object_prob, seed=cfg.seed, length=cfg.length, split=split)
         if cfg.holdout is not None:
             kw["holdout"] = cfg.holdout
         return ShapesDataset(ShapesConfig(**kw))
@@ -89,9 +89,31 @@ def build_pipeline(cfg: ExperimentConfig, captions: list[str] | None = None, wor
 
 
 def build_models(cfg: ExperimentConfig, tokenizer: CLIPTokenizer | None):
-    """(tokenizer, text encoder, UNet): the pretrained text encoder, or a small one for `tokenizer`."""
+    """(tokenizer, text encoder, UNet): the pretrained text encoder, or a small one for `tokenizer`; the UNet
+    starts from `model.pretrained`'s weights when set."""
     tokenizer, text_encoder = build_text(cfg.text, tokenizer)
-    return tokenizer, text_encoder, build_unet(cfg.model, text_encoder.config.hidden_size)
+    unet = build_unet(cfg.model, text_encoder.config.hidden_size)
+    if cfg.model.pretrained:
+        load_unet_weights(unet, cfg.model.pretrained)
+    return tokenizer, text_encoder, unet
+
+
+def load_unet_weights(unet, path: str | Path) -> None:
+    """Copy the weights of the UNet saved in `path` (a pipeline folder with unet/, or a UNet folder) into
+    `unet`, in its dtype; a different architecture is an error that names the first differences."""
+    folder = Path(path) / "unet" if (Path(path) / "unet").is_dir() else Path(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.pretrained={str(path)!r}: no UNet there (expected a pipeline folder with unet/ "
+                         "or a folder with config.json and the weights)")
+    theirs = type(unet).from_pretrained(str(folder)).state_dict()
+    ours = unet.state_dict()
+    missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    shapes = [f"{k} {tuple(theirs[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+              if k in theirs and theirs[k].shape != v.shape]
+    if missing or extra or shapes:
+        raise ConfigError(f"model.pretrained={str(path)!r} is a different architecture than the config's model: "
+                         f"missing {missing[:3]}, unexpected {extra[:3]}, shapes (saved vs config) {shapes[:3]}")
+    unet.load_state_dict({k: v.to(ours[k].dtype) for k, v in theirs.items()})
 
 
 def make_pipeline(cfg: ExperimentConfig, unet, text_encoder, tokenizer) -> DiffXAttnPipeline:

@@ -56,6 +56,9 @@ class ModelConfig:
     ff_mult: int = 2
     # diffusers UNet2DConditionModel only: which levels get attention blocks (CrossAttn* vs plain blocks)
     diffusers_attention_levels: tuple[int, ...] | None = None
+    # fine-tuning: start from this UNet's weights (a pipeline folder with unet/, or a UNet folder); the
+    # fields above must describe the same architecture
+    pretrained: str | None = None
 
 
 @dataclass
@@ -89,6 +92,7 @@ class DataConfig:
     two_object_prob: float = 0.5
     holdout: tuple[tuple[str, str], ...] | None = None  # None = the dataset's default held-out pairs
     seed: int = 0
+    length: int = 100_000  # shapes: how many distinct scenes an epoch has (generated on demand)
     num_workers: int = 0
 
 

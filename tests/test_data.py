@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,6 +232,18 @@ def test_config_accepts_holdout_lists_from_yaml():
     assert ShapesConfig(holdout=[["red", "circle"]]).holdout == (("red", "circle"),)
     with pytest.raises(ValueError, match="holdout"):
         ShapesConfig(split="test", holdout=())
+
+
+def test_experiment_config_sets_the_number_of_distinct_scenes():
+    from diffxattn.build import build_dataset
+    from diffxattn.config import load_config
+
+    CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes-32.yaml"
+    assert len(build_dataset(load_config(CONFIG).data)) == 100_000
+    data = build_dataset(load_config(CONFIG, ["data.length=2000000"]).data)
+    assert len(data) == 2_000_000 and data[1_999_999]["index"] == 1_999_999
+    with pytest.raises(ValueError, match=r"ShapesConfig\.length=0 is invalid: expected an int >= 1"):
+        build_dataset(load_config(CONFIG, ["data.length=0"]).data)
 
 
 # ---- image folder ------------------------------------------------------------------------------

@@ -280,3 +280,24 @@ def test_diffusers_unet_trains_and_exports_a_loadable_pipeline(tmp_path):
     assert max_diff(pipe.unet.state_dict(), again.unet.state_dict()) == 0
     image = again("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (16, 16)
+
+
+def test_model_pretrained_starts_from_a_saved_unet_and_refuses_another_architecture(runs, tmp_path):
+    from diffxattn.build import build_models
+
+    saved = runs[0] / "pipeline"
+    cfg = load_config(TINY, [f"model.pretrained={saved}", f"text.pretrained={saved}"])
+    unet = build_models(cfg, None)[2]
+    assert max_diff(unet.state_dict(), DiffXAttnPipeline.from_pretrained(saved).unet.state_dict()) == 0
+    assert max_diff(unet.state_dict(), build_models(load_config(TINY, [f"text.pretrained={saved}"]), None)[2]
+                    .state_dict()) > 0  # without it: a fresh UNet
+    wider = load_config(TINY, [f"model.pretrained={saved}", f"text.pretrained={saved}",
+                               "model.block_out_channels=[16, 48]"])
+    with pytest.raises(ConfigError, match=r"is a different architecture than the config's model: .*shapes"):
+        build_models(wider, None)
+    with pytest.raises(ConfigError, match=r"model.pretrained='.*nowhere': no UNet there"):
+        build_models(load_config(TINY, [f"model.pretrained={tmp_path / 'nowhere'}", f"text.pretrained={saved}"]), None)
+    # the trainer fine-tunes from it and says why it cannot
+    assert train(tmp_path / "ft", f"model.pretrained={saved}", f"text.pretrained={saved}", "text.train=false",
+                 "train.max_steps=1", "logging.validate_every=100") == 0
+    assert train(tmp_path / "bad", f"model.pretrained={tmp_path / 'nowhere'}") == 2
