@@ -1,6 +1,8 @@
 """Equal-time quality and where cross-attention lives: UNet variants trained for the same wall time, then evaluated.
 
     python bench/bench_quality.py [--minutes 10] [--variants ours diffusers-all ...] [--quick] [--out bench/results]
+    python bench/bench_quality.py --minutes 3 --batch 512 --set train.mixed_precision=bf16 optim.lr=1e-3 \
+        data.num_workers=4 --prompts 64 64 32 --keep runs/quality     # on a GPU
 
 Every variant trains with the project's trainer (`diffxattn.train.train`) on the shapes data, with the same
 frozen text encoder (`--text`, default the shipped pipeline's CLIP), batch, learning rate (warm-up: a tenth of
@@ -28,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import torch  # noqa: E402
 
 NAME = "quality"
 LAYERS = "[" + ", ".join(map(str, common.DIFFUSERS_LAYERS_PER_BLOCK)) + "]"
@@ -46,12 +49,15 @@ EQUAL_TIME = ("ours", "diffusers-all", "diffusers-low")
 ABLATION = ("cross-8", "ours", "cross-all", "self-all")
 
 
-def settings(quick: bool, minutes: float) -> dict:
-    if quick:
+def settings(args) -> dict:
+    """The run's settings (recorded in the results); --quick: tiny sizes, same code."""
+    extra = dict(overrides=list(args.set or []))
+    if args.quick:
         return dict(minutes=0.05, batch=4, probe_steps=3, min_steps=2, sizes=dict(single=1, two=1, heldout=1),
-                    eval_steps=2, sample_steps=2, sample_repeats=1)
-    return dict(minutes=minutes, batch=64, probe_steps=8, min_steps=10, sizes=dict(single=32, two=32, heldout=16),
-                eval_steps=30, sample_steps=30, sample_repeats=3)
+                    eval_steps=2, sample_steps=2, sample_repeats=1, **extra)
+    return dict(minutes=args.minutes, batch=args.batch, probe_steps=8, min_steps=10,
+                sizes=dict(zip(("single", "two", "heldout"), args.prompts)), eval_steps=30, sample_steps=30,
+                sample_repeats=3, **extra)
 
 
 def train_variant(name: str, s: dict, text: str, workdir: Path) -> dict:
@@ -61,7 +67,7 @@ def train_variant(name: str, s: dict, text: str, workdir: Path) -> dict:
 
     base = [f"text.pretrained={text}", "text.train=false", f"train.batch_size={s['batch']}",
             "logging.validate_every=1000000", "train.checkpoint_every=1000000", "logging.log_every=1",
-            "logging.tensorboard=false", *VARIANTS[name][1]]
+            "logging.tensorboard=false", *s["overrides"], *VARIANTS[name][1]]
     probe = workdir / f"{name}-probe"
     train(load_config(common.CONFIG, [*base, f"train.max_steps={s['probe_steps']}", f"train.output_dir={probe}"]))
     logged = _logged(probe)
@@ -89,11 +95,12 @@ def score(folder: Path, s: dict) -> dict:
     from diffxattn import DiffXAttnPipeline
     from diffxattn.eval.run import evaluate
 
-    pipe = DiffXAttnPipeline.from_pretrained(folder)
+    pipe = DiffXAttnPipeline.from_pretrained(folder).to("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
     report = evaluate(pipe, seeds=1, guidance_scales=(1.0,), guidance_scale=1.0, steps=s["eval_steps"],
                       sizes=s["sizes"], edits=False)
-    times = [common.timed(lambda: common.sample(pipe, s["sample_steps"])) for _ in range(s["sample_repeats"] + 1)]
+    times = [common.timed(lambda: _synced(common.sample(pipe, s["sample_steps"])))
+             for _ in range(s["sample_repeats"] + 1)]
     attributes = [a for v in report["sets"].values() for a in v["accuracy"].values() if a is not None]
     return {"all": {k: v["all"] for k, v in report["sets"].items()},
             "attributes": {k: v["accuracy"] for k, v in report["sets"].items()},
@@ -102,17 +109,24 @@ def score(folder: Path, s: dict) -> dict:
             "params": common.num_params(pipe.unet), "sample_s_per_image": common.median(times[1:])}
 
 
+def _synced(out):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out
+
+
 def run(args) -> dict:
     common.setup(args.threads)
-    s = settings(args.quick, args.minutes)
+    s = settings(args)
     names = args.variants or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     results = {}
     with tempfile.TemporaryDirectory(prefix="diffxattn-quality-") as tmp:
+        workdir = Path(args.keep or tmp)
         for name in names:
-            trained = train_variant(name, s, args.text, Path(tmp))
+            trained = train_variant(name, s, args.text, workdir)
             results[name] = {"description": VARIANTS[name][0], "overrides": VARIANTS[name][1],
                              **{k: v for k, v in trained.items() if k != "pipeline"},
                              **score(trained["pipeline"], s)}
@@ -144,7 +158,9 @@ def markdown(data: dict) -> str:
              f"{s['eval_steps']} DDIM steps; shape-word heatmap IoU at the best threshold; sampling s/image at "
              f"{s['sample_steps']} steps. single/two/held-out: all-correct accuracy; attributes: the mean of the "
              f"per-attribute accuracies (count, color, shape, position or relation, size) over the three sets; "
-             f"final loss: median training loss over the last tenth of the logged steps.", ""]
+             f"final loss: median training loss over the last tenth of the logged steps."
+             + (f" Trainer overrides for every variant: `{' '.join(s['overrides'])}`." if s.get("overrides") else ""),
+             ""]
     header = ["variant", "parameters", "train img/s", "steps", "train min", "final loss", "single", "two",
               "held-out", "attributes", "shape IoU", "s/image"]
 
@@ -172,6 +188,11 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", help=f"some of {list(VARIANTS)} (default: all)")
     p.add_argument("--text", default=str(common.ROOT / "pipelines" / "shapes-32"),
                    help="frozen text encoder: a CLIP or pipeline folder")
+    p.add_argument("--batch", type=int, default=64, help="training batch size")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="trainer config overrides for every variant")
+    p.add_argument("--prompts", type=int, nargs=3, default=(32, 32, 16), metavar=("SINGLE", "TWO", "HELDOUT"),
+                   help="prompts per set in the evaluation")
+    p.add_argument("--keep", help="folder for the runs (each variant's pipeline stays in KEEP/NAME/pipeline)")
     args = p.parse_args(argv)
     data = run(args)
     common.write_results(args.out, NAME, data, markdown(data))

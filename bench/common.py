@@ -88,6 +88,8 @@ def machine() -> dict:
         "loadavg_1m_at_start": _STARTED.get("load", _load()),
         "loadavg_1m_at_end": _load(),
     }
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
     if _STARTED:
         wall = time.perf_counter() - _STARTED["wall"]
         out.update(
@@ -375,7 +377,8 @@ def machine_line(m: dict, how: str = "each ratio is measured interleaved in one 
         )
     )
     return (
-        f"Machine: {m['nproc']} CPU cores ({m['cpu']}), torch {m['torch']}, diffusers {m['diffusers']}, "
+        f"Machine: {m['nproc']} CPU cores ({m['cpu']}){', GPU ' + m['gpu'] if m.get('gpu') else ''}, "
+        f"torch {m['torch']}, diffusers {m['diffusers']}, "
         f"{m['threads']} threads; {busy}. Other work shared the machine, so absolute numbers are noisy; "
         f"{how}."
     )

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # ~20-45 s per script on 2 loaded cores
 
 
-def run_quick(script: str, out: Path) -> dict:
+def run_quick(script: str, out: Path, *extra: str) -> dict:
     name = script.removeprefix("bench_")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # one thread: the quick runs only check the plumbing, and 2 threads on a loaded 2-core machine crawl
@@ -30,6 +30,7 @@ def run_quick(script: str, out: Path) -> dict:
             "1",
             "--out",
             str(out),
+            *extra,
         ],
         cwd=ROOT,
         env=env,
@@ -120,7 +121,13 @@ def test_memory_measures_each_loop_in_a_fresh_process(tmp_path):
 
 
 def test_quality_trains_every_variant_for_the_same_time_and_scores_it(tmp_path):
-    data = run_quick("bench_quality", tmp_path)
+    runs = tmp_path / "runs"
+    data = run_quick("bench_quality", tmp_path, "--set", "train.caption_dropout=0.5", "--keep", str(runs))
+    assert data["settings"]["overrides"] == ["train.caption_dropout=0.5"]
+    for name in data["variants"]:  # --keep: each variant's run stays, trained with the override
+        assert (runs / name / "pipeline" / "model_index.json").is_file()
+        config = next((runs / name / "checkpoints").glob("checkpoint-*/config.yaml")).read_text()
+        assert "caption_dropout: 0.5" in config
     assert data["benchmark"] == "quality" and data["quick"] is True and data["machine"]["threads"] == 1
     variants = data["variants"]
     assert set(variants) == {"ours", "diffusers-all", "diffusers-low", "cross-8", "cross-all", "self-all"}
@@ -139,3 +146,4 @@ def test_quality_trains_every_variant_for_the_same_time_and_scores_it(tmp_path):
                                    for k in (", mean all-correct accuracy", ", mean attribute accuracy")}
     md = (tmp_path / "quality.md").read_text()
     assert "## Equal training time" in md and "## Where cross- and self-attention live" in md
+    assert "Trainer overrides for every variant: `train.caption_dropout=0.5`." in md
