@@ -42,7 +42,7 @@ def main() -> None:
     for item in args.checkpoints:
         step, folder = item.split(":", 1)
         step = int(step)
-        pipe = DiffXAttnPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+        pipe = DiffXAttnPipeline.from_pretrained(folder, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         report = evaluate(pipe, seeds=1, guidance_scales=(1.0,), guidance_scale=1.0, heatmaps=False, edits=False,
                           sizes={"single": args.prompts, "two": args.prompts, "heldout": args.prompts})

@@ -40,7 +40,7 @@ def load_pipeline(path: str | None, scheduler: str | None = None, strict: bool =
         raise FileNotFoundError(f"{path!r} is not a pipeline folder: {os.path.join(path, 'model_index.json')} is missing")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # weights may be stored in fp16 (the shipped pipeline is); CPUs compute in fp32
-    pipe = DiffXAttnPipeline.from_pretrained(path, torch_dtype=torch.float32 if device == "cpu" else None)
+    pipe = DiffXAttnPipeline.from_pretrained(path, dtype=torch.float32 if device == "cpu" else None)
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, config=pipe.scheduler.config)
     pipe.to(device)

@@ -14,7 +14,7 @@ SHIPPED = Path(__file__).resolve().parent.parent / "pipelines" / "shapes-32"
 
 @pytest.fixture(scope="module")
 def shipped():
-    pipe = DiffXAttnPipeline.from_pretrained(SHIPPED, torch_dtype=torch.float32)
+    pipe = DiffXAttnPipeline.from_pretrained(SHIPPED, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -23,8 +23,8 @@ _WORD = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+", re.UNICODE)
 
 
 def load_text_encoder(name_or_path: str | os.PathLike,
-                      torch_dtype: torch.dtype = torch.float32) -> tuple[CLIPTokenizer, CLIPTextModel]:
-    """Load a CLIP tokenizer + text model (fp32 unless `torch_dtype` says otherwise) from a hub id or a folder.
+                      dtype: torch.dtype = torch.float32) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """Load a CLIP tokenizer + text model (fp32 unless `dtype` says otherwise) from a hub id or a folder.
 
     A local pipeline folder (one with `text_encoder/` and `tokenizer/`, like `pipelines/shapes-32` or a
     Stable Diffusion snapshot) is read from those two subfolders.
@@ -32,9 +32,9 @@ def load_text_encoder(name_or_path: str | os.PathLike,
     root = Path(name_or_path)
     if (root / "text_encoder").is_dir() and (root / "tokenizer").is_dir():
         return (CLIPTokenizer.from_pretrained(str(root / "tokenizer")),
-                CLIPTextModel.from_pretrained(str(root / "text_encoder"), torch_dtype=torch_dtype))
+                CLIPTextModel.from_pretrained(str(root / "text_encoder"), dtype=dtype))
     return (CLIPTokenizer.from_pretrained(str(name_or_path)),
-            CLIPTextModel.from_pretrained(str(name_or_path), torch_dtype=torch_dtype))
+            CLIPTextModel.from_pretrained(str(name_or_path), dtype=dtype))
 
 
 def bytes_to_unicode() -> dict[int, str]:
