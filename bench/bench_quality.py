@@ -86,17 +86,16 @@ def train_variant(name: str, s: dict, text: str, workdir: Path) -> dict:
             "final_loss": common.median(losses[-max(1, len(losses) // 10):]), "pipeline": out / "pipeline"}
 
 
-
 def _logged(run_dir: Path) -> list[dict]:
     """The rows of a training run's metrics.jsonl."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
+
 def score(folder: Path, s: dict) -> dict:
-    from diffxattn import DiffXAttnPipeline
+    from diffxattn.cli import load_pipeline
     from diffxattn.eval.run import evaluate
 
-    pipe = DiffXAttnPipeline.from_pretrained(folder).to("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(str(folder))  # fp32 on a CPU, on the GPU when there is one
     report = evaluate(pipe, seeds=1, guidance_scales=(1.0,), guidance_scale=1.0, steps=s["eval_steps"],
                       sizes=s["sizes"], edits=False)
     times = [common.timed(lambda: _synced(common.sample(pipe, s["sample_steps"])))
