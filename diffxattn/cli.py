@@ -91,6 +91,7 @@ def cmd_edit(args) -> None:
     from PIL import Image
 
     from .control import AttentionStore
+    from .control.edits import FEATURE_LAYERS
     from .editing import edit
     from .heatmaps import export
 
@@ -103,6 +104,8 @@ def cmd_edit(args) -> None:
         cross[word] = replace_range(value)
     with AttentionStore(pipe) if args.heatmaps else contextlib.nullcontext() as store:
         source, edited = edit(pipe, args.source, args.to, cross_replace=cross, self_replace=replace_range(args.self_replace),
+                              feature_replace=replace_range(args.feature_replace),
+                              feature_layers=args.feature_layers or FEATURE_LAYERS,
                               local_blend=args.local_blend, blend_threshold=args.blend_threshold, seed=args.seed,
                               num_inference_steps=args.steps,
                               guidance_scale=args.guidance)
@@ -222,6 +225,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--cross-replace", default="0.8", help="fraction of steps (0.8) or step range A:B")
     e.add_argument("--cross-replace-word", nargs="+", metavar="WORD=RANGE", help="per-word cross-replace, e.g. blue=0.3")
     e.add_argument("--self-replace", default="0.4", help="fraction of steps or A:B for self-attention maps")
+    e.add_argument("--feature-replace", default="0",
+                   help="fraction of steps or A:B in which the edit takes the source's decoder features: keeps shape "
+                        "and position exactly, for attribute (color) edits; 0.8 is a good value (default 0: off)")
+    e.add_argument("--feature-layers", nargs="+", metavar="MODULE",
+                   help="UNet ResBlocks whose features --feature-replace injects (default: the decoder's first, "
+                        "up_blocks.0.resnets.0)")
     e.add_argument("--local-blend", nargs="+", metavar="WORD", help="edit only where these words attend")
     e.add_argument("--blend-threshold", type=float, default=0.3,
                    help="local blend mask: where the words' min-max scaled maps exceed this (0..1)")

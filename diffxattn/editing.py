@@ -12,13 +12,15 @@ from contextlib import ExitStack
 import torch
 
 from . import prompts as prompt_syntax
-from .control.edits import AttentionReweight, LocalBlend, PromptToPrompt, embedding_weights, token_weight_rows
+from .control.edits import (FEATURE_LAYERS, AttentionReweight, LocalBlend, PromptToPrompt, embedding_weights,
+                            encode_prompts, token_weight_rows)
+from .pipeline import DiffXAttnPipeline
 
 WEIGHT_MODES = ("attention", "embedding", "embedding-a1111")
 
 
 def _steps(pipe, steps: int | None) -> int:
-    return steps or pipe.config.default_steps
+    return steps or getattr(pipe.config, "default_steps", 50)  # 50: Stable Diffusion pipelines' default
 
 
 def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps: tuple = (0, 1.0),
@@ -37,7 +39,7 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps:
     segment_of = [next(k for k, (end, _) in enumerate(schedule) if s < end) for s in range(steps)]
 
     if weight_mode == "attention":
-        embeds, mask = pipe.encode_prompt([prompt_syntax.clean_text(t) for t in texts])
+        embeds, mask = encode_prompts(pipe, [prompt_syntax.clean_text(t) for t in texts])
         weights = token_weight_rows(pipe.tokenizer, texts)  # (segments, S)
     else:
         embeds, mask = embedding_weights(pipe, texts, "compel" if weight_mode == "embedding" else "a1111")
@@ -51,15 +53,35 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps:
         if (weights != 1).any():
             stack.enter_context(AttentionReweight(pipe, lambda s: weights[segment_of[min(s, steps - 1)]][None],
                                                   steps=weight_steps))
-        return pipe(prompt_embeds=embeds[:1], prompt_attention_mask=mask[:1], negative_prompt=negative_prompt,
-                    step_prompt_embeds=step_embeds if len(texts) > 1 else None, num_inference_steps=steps, **kwargs)
+        if isinstance(pipe, DiffXAttnPipeline):
+            return pipe(prompt_embeds=embeds[:1], prompt_attention_mask=mask[:1], negative_prompt=negative_prompt,
+                        step_prompt_embeds=step_embeds if len(texts) > 1 else None, num_inference_steps=steps,
+                        **kwargs)
+        if len(texts) > 1:  # diffusers' pipelines have no per-step prompt: switch embeddings in the step callback
+            kwargs.update(callback_on_step_end=_switch_embeds(step_embeds),
+                          callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+        return pipe(prompt_embeds=embeds[:1], negative_prompt=negative_prompt, num_inference_steps=steps, **kwargs)
+
+
+def _switch_embeds(step_embeds):
+    """A diffusers `callback_on_step_end` that gives the next step its conditional embeddings (the last rows
+    of `prompt_embeds`, after the negative prompt's under classifier-free guidance)."""
+    def callback(pipe, step: int, timestep, tensors: dict) -> dict:
+        embeds = tensors["prompt_embeds"].clone()
+        cond = embeds.shape[0] // 2 if pipe.do_classifier_free_guidance else 0
+        embeds[cond:] = step_embeds(step + 1)[0].to(embeds)
+        return {"prompt_embeds": embeds}
+    return callback
 
 
 def edit(pipe, source: str, target: str, *, cross_replace=(0, 0.8), self_replace=(0, 0.4),
-         local_blend: list[str] | None = None, blend_threshold: float = 0.3, seed: int = 0, **kwargs):
+         feature_replace=(0, 0), feature_layers=FEATURE_LAYERS, local_blend: list[str] | None = None,
+         blend_threshold: float = 0.3, seed: int = 0, **kwargs):
     """Prompt-to-prompt: (source image, edited image) from the same noise, the edit keeping the source's layout.
 
     Weight syntax in `target` on words shared with `source` reweights them (prompt-to-prompt's reweight edit).
+    `feature_replace` (e.g. (0, 0.8)) also gives the edit the source's decoder features (`PromptToPrompt`):
+    for attribute edits such as a color, which then keep the object's shape and position exactly.
     """
     src_runs = prompt_syntax.parse_weights(source)
     if any(r.weight != 1.0 for r in src_runs):
@@ -73,7 +95,8 @@ def edit(pipe, source: str, target: str, *, cross_replace=(0, 0.8), self_replace
     generator = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)]
     with ExitStack() as stack:
         stack.enter_context(PromptToPrompt(pipe, source, clean_target, cross_replace=cross_replace,
-                                           self_replace=self_replace, weights=word_weights))
+                                           self_replace=self_replace, feature_replace=feature_replace,
+                                           feature_layers=feature_layers, weights=word_weights))
         callback = None
         if local_blend:
             blend = stack.enter_context(LocalBlend(pipe, prompts, local_blend, threshold=blend_threshold))

@@ -24,11 +24,14 @@ GALLERY = [
     "a yellow triangle right of a blue diamond", "a small orange circle below a large green square",
     "a red triangle at the top", "a blue circle at the right",  # the last two are held-out combinations
 ]
-EDITS = [
-    ("a red circle at the left", "a blue circle at the left"),
-    ("a green square at the top", "a green triangle at the top"),
-    ("a purple diamond at the right", "a large purple diamond at the right"),
-    ("a red circle left of a blue square", "a red circle left of a yellow square"),
+FEATURES = {"feature_replace": (0, 0.8)}
+EDITS = [  # (source, target, edit options)
+    ("a red circle at the left", "a blue circle at the left", {}),
+    ("a red circle at the left", "a blue circle at the left", FEATURES),
+    ("a green square at the top", "a green triangle at the top", {}),
+    ("a green square at the top", "a green triangle at the top", FEATURES),
+    ("a purple diamond at the right", "a large purple diamond at the right", {}),
+    ("a red circle left of a blue square", "a red circle left of a yellow square", {}),
 ]
 REWEIGHT = ("a (red:{w}) circle at the left", (0.25, 0.5, 1.0, 1.5, 2.0, 3.0))
 HEATMAP_PROMPT = "a red circle left of a blue square"
@@ -104,9 +107,10 @@ def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | No
             print("selenium not installed: skipped the viewer screenshot")
 
     cells = []
-    for source, target in EDITS:
-        src, tgt = edit(pipe, source, target, seed=seed)
-        cells += [(f"source: {source}", src), (f"edit: {target}", tgt)]
+    for source, target, options in EDITS:
+        src, tgt = edit(pipe, source, target, seed=seed, **options)
+        how = f"edit, features {options['feature_replace'][1]:g}" if options else "edit"
+        cells += [(f"source: {source}", src), (f"{how}: {target}", tgt)]
     labelled_grid(cells, columns=4).save(out / "edits.png")
     written.append(out / "edits.png")
 

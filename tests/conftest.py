@@ -39,5 +39,13 @@ def tiny_pipe(tiny_text) -> DiffXAttnPipeline:
     return pipe
 
 
+@pytest.fixture(scope="session")
+def sd_pipe(tmp_path_factory):
+    """A tiny random Stable Diffusion pipeline (16x16 images)."""
+    from sd_tiny import tiny_sd_pipeline
+
+    return tiny_sd_pipeline(tmp_path_factory.mktemp("sd"))
+
+
 def seeded(seed: int = 0, n: int = 1):
     return [torch.Generator().manual_seed(seed + k) for k in range(n)]

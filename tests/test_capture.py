@@ -9,12 +9,6 @@ from safetensors.torch import load_file
 from diffxattn.control import AttentionStore, attention_layers
 from diffxattn.heatmaps import export
 from conftest import seeded
-from sd_tiny import tiny_sd_pipeline
-
-
-@pytest.fixture(scope="module")
-def sd_pipe(tmp_path_factory):
-    return tiny_sd_pipeline(tmp_path_factory.mktemp("sd"))
 
 
 def test_capture_changes_nothing_and_restores_processors(tiny_pipe):

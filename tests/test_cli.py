@@ -54,3 +54,11 @@ def test_edit_and_weighted_generate_from_the_command_line(tmp_path, tiny_pipe):
     r = run_cli("edit", "a red circle", "--to", "a blue circle", "--pipeline", pipe, "--steps", "2",
                 "--local-blend", "circle", "--blend-threshold", "1.5")
     assert r.returncode == 2 and "threshold 1.5 must be in [0, 1)" in r.stderr and "Traceback" not in r.stderr
+    featured = tmp_path / "featured.png"
+    assert main(["edit", "a red circle", "--to", "a blue circle", "--pipeline", pipe, "--steps", "3",
+                 "--local-blend", "red", "blue", "--feature-replace", "0:2", "-o", str(featured)]) == 0
+    both = np.asarray(Image.open(featured))
+    assert np.array_equal(both[:, :16], pair[:, :16]) and not np.array_equal(both[:, 16:], pair[:, 16:])
+    r = run_cli("edit", "a red circle", "--to", "a blue circle", "--pipeline", pipe, "--steps", "2",
+                "--feature-replace", "0.5", "--feature-layers", "up_blocks.0.resnet")
+    assert r.returncode == 2 and "feature layers ['up_blocks.0.resnet'] are not modules" in r.stderr

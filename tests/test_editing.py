@@ -114,3 +114,70 @@ def test_prompt_editing_over_steps(tiny_pipe):
     switched = generate(tiny_pipe, "a [red:blue:2] circle", generator=seeded(0), num_inference_steps=4, **KW).images
     never = generate(tiny_pipe, "a [red:blue:4] circle", generator=seeded(0), num_inference_steps=4, **KW).images
     assert np.array_equal(never, plain_red) and not np.array_equal(switched, plain_red)
+
+
+def test_feature_replace_gives_the_target_the_sources_decoder_features(tiny_pipe):
+    layer = tiny_pipe.unet.get_submodule("up_blocks.0.resnets.0")
+    seen = []  # the features the next layer (the ResBlock's transformer block) receives
+    probe = tiny_pipe.unet.get_submodule("up_blocks.0.attentions.0").register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].clone()))
+    try:
+        kw = dict(num_inference_steps=4, guidance_scale=2.0, output_type="np")  # rows: [u_src, u_tgt, c_src, c_tgt]
+        plain = edit(tiny_pipe, "a red circle", "a blue circle", **kw)
+        assert all(not torch.equal(out[1], out[0]) for out in seen[1:])
+        seen.clear()
+        with PromptToPrompt(tiny_pipe, "a red circle", "a blue circle", feature_replace=(0, 2)) as p2p:
+            assert len(p2p.hooks) == 1
+            tiny_pipe(p2p.prompts, generator=seeded(0) + seeded(0), **kw)
+        assert len(seen) == 4 and all(out.shape[0] == 4 for out in seen)
+        for step, out in enumerate(seen):  # steps 0 and 1 injected, 2 and 3 not
+            assert torch.equal(out[1], out[0]) == torch.equal(out[3], out[2]) == (step < 2)
+        injected = edit(tiny_pipe, "a red circle", "a blue circle", feature_replace=(0, 1.0), **kw)
+        np.testing.assert_array_equal(injected[0], plain[0])  # the source is untouched
+        assert not np.array_equal(injected[1], plain[1])
+    finally:
+        probe.remove()
+    assert not layer._forward_hooks  # the controller's hook is gone after the edit
+    with pytest.raises(ValueError, match=r"feature layers \['up_blocks.9.resnets.0'\] are not modules of the UNet; "
+                                         r"its ResBlocks are \['down_blocks.0.resnets.0'"):
+        PromptToPrompt(tiny_pipe, "a red circle", "a blue circle", feature_layers=["up_blocks.9.resnets.0"])
+
+
+def test_weights_and_step_schedules_on_stable_diffusion(sd_pipe):
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np")
+    plain = sd_pipe("a red circle", generator=seeded(0), **kw).images
+    for mode in ("attention", "embedding"):  # weight 1: the same bits as the pipeline's own call
+        one = generate(sd_pipe, "a (red:1.0) circle", weight_mode=mode, generator=seeded(0), **kw).images
+        more = generate(sd_pipe, "a (red:1.8) circle", weight_mode=mode, generator=seeded(0), **kw).images
+        assert np.array_equal(one, plain) and not np.allclose(more, plain)
+    never = generate(sd_pipe, "a [red:blue:4] circle", generator=seeded(0), **kw).images
+    switched = generate(sd_pipe, "a [red:blue:2] circle", generator=seeded(0), **kw).images
+    blue = sd_pipe("a blue circle", generator=seeded(0), **kw).images
+    assert np.array_equal(never, plain) and not np.allclose(switched, plain) and not np.allclose(switched, blue)
+
+
+def test_prompt_to_prompt_edits_on_stable_diffusion(sd_pipe):
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np")
+    alone = sd_pipe("a red circle", generator=seeded(0), **kw).images[0]
+    src, tgt = edit(sd_pipe, "a red circle", "a blue circle", **kw)
+    np.testing.assert_allclose(src, alone, atol=1e-5)
+    assert not np.allclose(src, tgt)
+    with AttentionStore(sd_pipe, steps=(0, 1)) as store, \
+            PromptToPrompt(sd_pipe, "a red circle", "a blue circle", cross_replace=(0, 1.0), feature_replace=(0, 0.5)):
+        sd_pipe(["a red circle", "a blue circle"], generator=seeded(0) + seeded(0), **kw)
+    for key in store.sums:  # the target's cross-attention maps are the source's
+        torch.testing.assert_close(store.sums[key][1], store.sums[key][0])
+    featured = edit(sd_pipe, "a red circle", "a blue circle", feature_replace=(0, 0.5), **kw)
+    np.testing.assert_allclose(featured[0], alone, atol=1e-5)
+    assert not np.allclose(featured[1], tgt)
+    refined = edit(sd_pipe, "a red circle", "a large red circle", **kw)
+    assert refined[0].shape == refined[1].shape == (16, 16, 3) and not np.allclose(*refined)
+    from diffxattn.control.edits import LocalBlend
+    with PromptToPrompt(sd_pipe, "a red circle", "a blue circle"), \
+            LocalBlend(sd_pipe, ["a red circle", "a blue circle"], ["red", "blue"], threshold=0.99) as blend:
+        latents = sd_pipe(["a red circle", "a blue circle"], generator=seeded(0) + seeded(0),
+                          callback_on_step_end=blend.callback, **{**kw, "output_type": "latent"}).images
+    outside = blend.mask[0, 0] == 0  # latent pixels (8x8) outside the mask keep the source's latents
+    assert blend.mask.shape[-2:] == (8, 8) and outside.any() and not outside.all()
+    assert torch.equal(latents[1][:, outside], latents[0][:, outside])
+    assert not torch.equal(latents[1], latents[0])

@@ -11,7 +11,8 @@ from diffxattn.data import ShapesConfig, parse_caption, parse_caption_words, ren
 from diffxattn.editing import edit
 from diffxattn.eval import metrics
 from diffxattn.eval.detector import detect
-from diffxattn.eval.prompts import FULL_SIZES, QUICK_SIZES, color_swap, first_object, prompt_sets, reweighted
+from diffxattn.eval.prompts import (FULL_SIZES, QUICK_SIZES, color_swap, first_object, prompt_sets, reweighted,
+                                    shape_swap)
 from diffxattn.eval.run import _blend_edit, _HeatmapTally, evaluate
 
 SHIPPED = Path(__file__).resolve().parent.parent / "pipelines" / "shapes-32"
@@ -53,11 +54,14 @@ def test_held_out_pairs_appear_only_in_the_heldout_set():
     assert {p for text in sets["heldout"] for p in pairs_of(text)} == holdout  # every held-out pair is tested
 
 
-def test_color_swap_and_reweight_prompts():
+def test_swap_and_reweight_prompts():
     assert color_swap("a red circle at the left") == "an orange circle at the left"
     # the next color making a training pair: yellow square and green diamond are held out
     assert color_swap("a small orange square at the top") == "a small green square at the top"
     assert color_swap("a yellow diamond at the right") == "a blue diamond at the right"
+    assert shape_swap("a red circle at the left") == "a red square at the left"
+    assert shape_swap("a yellow circle at the top") == "a yellow triangle at the top"  # yellow square: held out
+    assert shape_swap("a small orange diamond left of a red circle") == "a small orange circle left of a red circle"
     assert reweighted("a small red circle at the left", 1.5) == "a small (red:1.5) circle at the left"
     assert first_object("a small red circle left of a blue square") == (2, "red", "circle")
 
@@ -144,6 +148,13 @@ def test_swap_scores_on_ground_truth_pair():
                                                      "position_kept": True, "mask_iou": 1.0}
     bad = metrics.swap_scores(src, moved, "green")
     assert bad == {"target_color": False, "shape_kept": False, "position_kept": False, "mask_iou": 0.0}
+    square, _ = render(scene_from_caption("a red square at the left", 32))
+    shape = metrics.swap_scores(src, square, "square", "shape")
+    assert {k: shape[k] for k in ("target_shape", "color_kept", "position_kept")} == {
+        "target_shape": True, "color_kept": True, "position_kept": True}
+    assert 0.5 < shape["mask_iou"] < 1
+    assert metrics.swap_scores(src, tgt, "square", "shape") == {"target_shape": False, "color_kept": False,
+                                                                "position_kept": True, "mask_iou": 1.0}
 
 
 def test_blend_edit_gives_edits_images_and_its_mask(tiny_pipe):
@@ -186,16 +197,20 @@ def test_quick_evaluate_report_has_every_key_with_scores_in_range(tiny_pipe):
         assert set(h) == {"n", "iou@0.4", "best_tau", "iou@best"} and isinstance(h["n"], int)
         assert all(v is None or 0 <= v <= 1 for v in h.values() if not isinstance(v, int))
     edits = report["edits"]
-    assert set(edits["color_swap"]) == {"n", "target_color", "shape_kept", "position_kept", "mask_iou",
-                                        "mask_iou_n"}
+    for name in ("color_swap", "color_swap_features"):
+        assert set(edits[name]) == {"n", "target_color", "shape_kept", "position_kept", "mask_iou", "mask_iou_n"}
+    for name in ("shape_swap", "shape_swap_features"):
+        assert set(edits[name]) == {"n", "target_shape", "color_kept", "position_kept", "mask_iou", "mask_iou_n"}
+    assert edits["swap_feature_replace"] == [0, 0.8]
     assert set(edits["reweight"]) == {"attention", "embedding"}
     for r in edits["reweight"].values():
         assert set(r) == {"n", "weights", "spearman", "spearman_per_image", "strength"}
         assert r["n"] == 2 and set(r["strength"]) == {f"{w:g}" for w in r["weights"]}
         assert all(x is None or -1 <= x <= 1 for x in (r["spearman"], r["spearman_per_image"]))
     assert set(edits["local_blend"]) == {"n", "outside", "outside_no_blend", "inside", "mask_fraction"}
-    assert edits["color_swap"]["n"] == edits["local_blend"]["n"] == 2
-    for section in (edits["color_swap"], edits["local_blend"], *(r["strength"] for r in edits["reweight"].values())):
+    assert edits["color_swap"]["n"] == edits["shape_swap_features"]["n"] == edits["local_blend"]["n"] == 2
+    swaps = [edits[f"{a}_swap{f}"] for a in ("color", "shape") for f in ("", "_features")]
+    for section in (*swaps, edits["local_blend"], *(r["strength"] for r in edits["reweight"].values())):
         assert all(v is None or 0 <= v <= 1 for k, v in section.items() if k not in ("n", "mask_iou_n"))
     assert all(isinstance(v, (int, float, str, bool, type(None))) for v in _numbers(report))
     assert report["seconds"] > 0

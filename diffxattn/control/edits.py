@@ -2,7 +2,9 @@
 
 Prompt-to-prompt (Hertz et al. 2022) samples the source and the edited prompt in one batch from the
 same noise; while sampling, the edited prompt's attention maps are replaced by the source's, so the
-layout stays and only what the changed words say changes.
+layout stays and only what the changed words say changes. Optionally, as in Plug-and-Play (Tumanyan et al.
+2023), the edited prompt also takes the source's features at chosen decoder ResBlocks: the layout is then
+kept exactly, and only what the text adds through cross-attention (a color, not a shape) can change.
 
     with PromptToPrompt(pipe, "a red circle at the left", "a blue circle at the left") as p2p:
         source, edited = pipe(p2p.prompts, generator=[g(0), g(0)]).images
@@ -20,11 +22,15 @@ import torch.nn.functional as F
 
 from .. import prompts as prompt_syntax
 from ..models import text as text_mod
-from .processor import AttnCall, ControllerContext
+from ..pipeline import DiffXAttnPipeline
+from .processor import AttnCall, ControllerContext, sampling_state
+
+FEATURE_LAYERS = ("up_blocks.0.resnets.0",)  # the decoder's first ResBlock, the same name on both UNets
 
 
 def in_range(call: AttnCall, steps: tuple) -> bool:
-    """Whether the call's step lies in (start, end): ints are step indices (end exclusive), floats fractions."""
+    """Whether the call's (or sampling state's) step lies in (start, end): ints are step indices (end
+    exclusive), floats fractions."""
     start, end = steps
     if isinstance(start, int) and isinstance(end, int) and not isinstance(start, bool):
         return start <= call.step < end
@@ -85,6 +91,9 @@ class PromptToPrompt(ControllerContext):
     cross_replace: step range (or fraction (0, f)) in which the target's cross-attention maps come from the
     source; or a dict {word: range} per target word, others using the `"default"` entry.
     self_replace: step range in which the target's self-attention maps come from the source.
+    feature_replace: step range in which the target's outputs of the ResBlocks `feature_layers` are the
+    source's (Plug-and-Play feature injection; off by default). It keeps the object's shape and position
+    exactly, so use it for attribute edits (a color); it also stops a swapped shape word from changing the shape.
     weights: optional {target word: weight} applied on top (prompt-to-prompt's reweight edit).
     The batch must be [source, target] conditional rows: use `pipe(p2p.prompts, ...)`.
     """
@@ -92,8 +101,14 @@ class PromptToPrompt(ControllerContext):
     edits = True
 
     def __init__(self, pipe, source: str, target: str, *, cross_replace=(0, 0.8), self_replace=(0, 0.4),
-                 weights: dict[str, float] | None = None):
+                 feature_replace=(0, 0), feature_layers=FEATURE_LAYERS, weights: dict[str, float] | None = None):
         super().__init__(pipe)
+        modules = dict(pipe.unet.named_modules())
+        unknown = [name for name in feature_layers if name not in modules]
+        if unknown:
+            resnets = [n for n in modules if n.split(".")[-2:-1] == ["resnets"]]
+            raise ValueError(f"feature layers {unknown} are not modules of the UNet; its ResBlocks are {resnets}")
+        self.feature_replace, self.feature_layers, self.hooks = feature_replace, list(feature_layers), []
         self.prompts = [source, target]
         self.mapper, self.is_swap = token_mapper(pipe.tokenizer, source, target)
         size = pipe.tokenizer.model_max_length
@@ -115,6 +130,24 @@ class PromptToPrompt(ControllerContext):
             if not positions:
                 raise ValueError(f"weights names {word!r}, not a word of the target prompt {[w for w, _ in self.words]}")
             self.token_weights[positions] = w
+
+    def begin(self, pipe) -> None:
+        self.state = sampling_state(pipe)
+        self.hooks = [pipe.unet.get_submodule(name).register_forward_hook(self._inject)
+                      for name in self.feature_layers]
+
+    def end(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def _inject(self, module, args, output: torch.Tensor) -> torch.Tensor | None:
+        """Rows are [source, target] pairs (unconditional pair first under guidance): targets take the sources'."""
+        if not in_range(self.state, self.feature_replace):
+            return None
+        output = output.clone()
+        output[1::2] = output[0::2]
+        return output
 
     def wants(self, call: AttnCall) -> bool:
         if call.batch - call.cond_start != 2:
@@ -195,6 +228,16 @@ class LocalBlend(ControllerContext):
 
 
 # -- prompt weights as embeddings --
+def encode_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text embeddings (B, S, D) and key mask (B, S) on either pipeline: ours masks padding keys, Stable
+    Diffusion's pipelines encode the padded prompt with the text encoder and attend to every position."""
+    if isinstance(pipe, DiffXAttnPipeline):
+        return pipe.encode_prompt(prompts)
+    ids, _ = text_mod.tokenize(pipe.tokenizer, prompts)
+    embeds = text_mod.encode(pipe.text_encoder, ids).to(pipe.unet.dtype)
+    return embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+
+
 def embedding_weights(pipe, prompts: list[str], mode: str = "compel") -> tuple[torch.Tensor, torch.Tensor]:
     """Text embeddings with prompt weights applied to the token embeddings: (B, S, D), mask (B, S).
 
@@ -208,12 +251,12 @@ def embedding_weights(pipe, prompts: list[str], mode: str = "compel") -> tuple[t
         raise ValueError(f"embedding weight mode {mode!r}; expected 'compel' or 'a1111'")
     clean = [prompt_syntax.clean_text(p) for p in prompts]
     weights = token_weight_rows(pipe.tokenizer, prompts)
-    z, mask = pipe.encode_prompt(clean)
+    z, mask = encode_prompts(pipe, clean)
     w = weights.to(z)[..., None]  # (B, S, 1)
     if mode == "a1111":
         scaled = z * w
         return scaled * (z.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True)), mask
-    z_empty, _ = pipe.encode_prompt([""] * len(prompts))
+    z_empty, _ = encode_prompts(pipe, [""] * len(prompts))
     out = torch.where(w == 1, z, z_empty + w * (z - z_empty))  # weight 1 keeps z bit for bit
     ids, _ = text_mod.tokenize(pipe.tokenizer, clean)
     for i, row in enumerate(weights.tolist()):

@@ -98,6 +98,10 @@ class SamplingState:
             self.step = min(self.step // getattr(self.pipe.scheduler, "order", 1), self.num_steps - 1)
         self.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
 
+    @property
+    def fraction(self) -> float:
+        return self.step / max(self.num_steps, 1)
+
     def call(self, name: str, attn: Attention, hidden_states: torch.Tensor) -> AttnCall:
         batch = hidden_states.shape[0]
         n = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
@@ -203,6 +207,12 @@ def uninstall(pipe, controller: Controller) -> None:
     if not inst.controllers:
         inst.restore()
         del _INSTALLED[key]
+
+
+def sampling_state(pipe) -> SamplingState:
+    """The step counter shared by the controllers installed on `pipe.unet`, for a controller that also hooks
+    other modules (e.g. ResBlocks); valid from the controller's `begin` until its `end`."""
+    return _INSTALLED[id(pipe.unet)].state
 
 
 class ControllerContext(Controller):

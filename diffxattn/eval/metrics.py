@@ -131,16 +131,18 @@ def color_strength(image: np.ndarray, color: str) -> float | None:
     return float(np.mean(pixels @ _PALETTE[color] / norms))
 
 
-def swap_scores(source: np.ndarray, edited: np.ndarray, target_color: str) -> dict:
-    """A color-swap edit, read from the largest detection of each image: whether the edit shows
-    the target color, keeps the source's shape and position, and the IoU of the two objects' masks
-    (None when either image has no object)."""
+def swap_scores(source: np.ndarray, edited: np.ndarray, target: str, attribute: str = "color") -> dict:
+    """A word-swap edit of the object's color (or shape) to `target`, read from the largest detection of
+    each image: whether the edit shows the target, keeps the source's other attribute and position, and
+    the IoU of the two objects' masks (None when either image has no object).
+    Keys: target_color, shape_kept (color swap) or target_shape, color_kept; position_kept, mask_iou."""
+    other = "shape" if attribute == "color" else "color"
     src, tgt = detect(source), detect(edited)
     if not src or not tgt:
-        return {"target_color": bool(tgt) and tgt[0].color == target_color, "shape_kept": False,
+        return {f"target_{attribute}": bool(tgt) and getattr(tgt[0], attribute) == target, f"{other}_kept": False,
                 "position_kept": False, "mask_iou": None}
     size = source.shape[0]
-    return {"target_color": tgt[0].color == target_color,
-            "shape_kept": src[0].shape is not None and tgt[0].shape == src[0].shape,
+    return {f"target_{attribute}": getattr(tgt[0], attribute) == target,
+            f"{other}_kept": getattr(src[0], other) is not None and getattr(tgt[0], other) == getattr(src[0], other),
             "position_kept": position_of(tgt[0], size) == position_of(src[0], size),
             "mask_iou": iou(src[0].mask, tgt[0].mask)}

@@ -20,8 +20,8 @@ import numpy as np
 from ..data.captions import COLORS, POSITIONS, RELATIONS, SHAPES, build_caption
 from ..data.shapes import ShapesConfig
 
-__all__ = ["SET_NAMES", "FULL_SIZES", "QUICK_SIZES", "prompt_set", "prompt_sets", "color_swap", "reweighted",
-           "color_word_index", "first_object"]
+__all__ = ["SET_NAMES", "FULL_SIZES", "QUICK_SIZES", "prompt_set", "prompt_sets", "color_swap", "shape_swap",
+           "reweighted", "color_word_index", "first_object"]
 
 SET_NAMES = ("single", "two", "heldout")
 FULL_SIZES = {"single": 64, "two": 64, "heldout": 32}
@@ -89,15 +89,28 @@ def first_object(prompt: str) -> tuple[int, str, str]:
 def color_swap(prompt: str, *, holdout=None) -> str:
     """The prompt with its (first) object's color replaced by the next color, in palette order,
     that makes a training pair with its shape: "a red circle at the left" -> "an orange circle ..."."""
+    return _swap(prompt, "color", holdout)
+
+
+def shape_swap(prompt: str, *, holdout=None) -> str:
+    """The prompt with its (first) object's shape replaced by the next shape, in `SHAPES` order,
+    that makes a training pair with its color: "a red circle at the left" -> "a red square ..."."""
+    return _swap(prompt, "shape", holdout)
+
+
+def _swap(prompt: str, attribute: str, holdout) -> str:
     holdout = ShapesConfig().holdout if holdout is None else tuple(tuple(p) for p in holdout)
     words = prompt.split()
-    i, _, shape = first_object(prompt)
-    names = list(COLORS)
-    start = names.index(words[i])
+    i, color, shape = first_object(prompt)
+    if attribute == "color":
+        index, names, pair = i, list(COLORS), lambda c: (c, shape)
+    else:
+        index, names, pair = words.index(shape, i), list(SHAPES), lambda s: (color, s)
+    start = names.index(words[index])
     for k in range(1, len(names)):
-        color = names[(start + k) % len(names)]
-        if (color, shape) not in holdout:
-            words[i] = color
+        new = names[(start + k) % len(names)]
+        if pair(new) not in holdout:
+            words[index] = new
             break
     if i > 0 and words[i - 1] in ("a", "an"):  # "an orange", "a red"
         words[i - 1] = "an" if words[i][0] in "aeiou" else "a"

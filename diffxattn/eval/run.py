@@ -25,7 +25,7 @@ from ..data.shapes import ShapesConfig
 from ..editing import edit, generate
 from . import metrics
 from .detector import detect, score_prompt
-from .prompts import SET_NAMES, color_swap, first_object, prompt_set, prompt_sets, reweighted
+from .prompts import SET_NAMES, color_swap, first_object, prompt_set, prompt_sets, reweighted, shape_swap
 
 __all__ = ["evaluate", "format_report", "DEFAULT_GUIDANCE", "QUICK_GUIDANCE", "REWEIGHTS", "REWEIGHT_MODES"]
 
@@ -33,6 +33,7 @@ DEFAULT_GUIDANCE = (1.0, 2.0, 3.0, 5.0)
 QUICK_GUIDANCE = (1.0, 3.0)
 REWEIGHTS = (0.5, 0.75, 1.0, 1.5, 2.0)
 REWEIGHT_MODES = ("attention", "embedding")
+SWAP_FEATURES = (0, 0.8)  # feature_replace of the "_features" swaps
 _QUICK_MAX_STEPS = 10
 
 
@@ -102,22 +103,29 @@ def _change(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
 
 def _edit_metrics(pipe, prompts: list[str], seeds, *, scale: float, steps: int, weights, holdout,
                   progress: bool = False) -> dict:
-    """Color swap, reweighting (attention and embedding modes) and local blend on single-object prompts."""
+    """Color and shape swaps (prompt-to-prompt alone, and with the source's decoder features), reweighting
+    (attention and embedding modes) and local blend on single-object prompts."""
     kw = dict(num_inference_steps=steps, guidance_scale=scale)
-    swaps, blends = [], []
+    swaps = {f"{attribute}_swap{suffix}": [] for attribute in ("color", "shape") for suffix in ("", "_features")}
+    blends = []
     strengths = {mode: {w: [] for w in weights} for mode in REWEIGHT_MODES}
     rhos = {mode: [] for mode in REWEIGHT_MODES}
     for prompt in tqdm(prompts, desc="edits", disable=not progress, leave=False):
         _, color, shape = first_object(prompt)
-        target = color_swap(prompt, holdout=holdout)
-        new_color = first_object(target)[1]
+        targets = {"color": color_swap(prompt, holdout=holdout), "shape": shape_swap(prompt, holdout=holdout)}
+        new = {"color": first_object(targets["color"])[1], "shape": first_object(targets["shape"])[2]}
         for seed in seeds:
-            # (a) word swap: the color changes, the object stays
-            src, tgt = edit(pipe, prompt, target, seed=seed, output_type="np", **kw)
-            src, tgt = metrics.to_uint8([src, tgt])
-            swaps.append(metrics.swap_scores(src, tgt, new_color))
+            # (a) word swaps: the color (shape) changes, the rest of the object stays
+            pairs = {}
+            for name, rows in swaps.items():
+                attribute = name.split("_")[0]
+                features = SWAP_FEATURES if name.endswith("_features") else (0, 0)
+                pairs[name] = metrics.to_uint8(list(edit(pipe, prompt, targets[attribute], seed=seed, output_type="np",
+                                                         feature_replace=features, **kw)))
+                rows.append(metrics.swap_scores(*pairs[name], new[attribute], attribute))
+            src, tgt = pairs["color_swap"]
             # (c) local blend on the edited object's word: pixels outside the blend mask stay the source's
-            b_src, b_tgt, mask = _blend_edit(pipe, prompt, target, [shape], seed, **kw)
+            b_src, b_tgt, mask = _blend_edit(pipe, prompt, targets["color"], [shape], seed, **kw)
             blends.append({"outside": _change(b_src, b_tgt, ~mask), "inside": _change(b_src, b_tgt, mask),
                            "outside_no_blend": _change(src, tgt, ~mask), "mask_fraction": float(mask.mean())})
             # (b) reweight the color word: does its strength grow with the weight?
@@ -131,11 +139,10 @@ def _edit_metrics(pipe, prompts: list[str], seeds, *, scale: float, steps: int, 
                 valid = [(w, v) for w, v in zip(weights, values) if v is not None]
                 rhos[mode].append(metrics.spearman(*zip(*valid)) if len(valid) >= 3 else float("nan"))
     return {
-        "color_swap": {"n": len(swaps),
-                       **{k: metrics.mean_or_none(s[k] for s in swaps)
-                          for k in ("target_color", "shape_kept", "position_kept")},
-                       "mask_iou": metrics.mean_or_none(s["mask_iou"] for s in swaps),
-                       "mask_iou_n": sum(s["mask_iou"] is not None for s in swaps)},
+        **{name: {"n": len(rows), **{k: metrics.mean_or_none(r[k] for r in rows) for k in rows[0]},
+                  "mask_iou_n": sum(r["mask_iou"] is not None for r in rows)}
+           for name, rows in swaps.items()},
+        "swap_feature_replace": list(SWAP_FEATURES),
         "reweight": {mode: _reweight_summary(weights, strengths[mode], rhos[mode]) for mode in REWEIGHT_MODES},
         "local_blend": {"n": len(blends),
                         **{k: metrics.mean_or_none(b[k] for b in blends)
@@ -246,11 +253,13 @@ def format_report(report: dict) -> str:
             lines.append(f"{kind:<9}{h['n']:>6}{values}")
     if report["edits"]:
         e = report["edits"]
-        cs, rw, lb = e["color_swap"], e["reweight"], e["local_blend"]
+        rw, lb = e["reweight"], e["local_blend"]
         lines.append("")
-        lines.append(f"color swap (n={cs['n']}): target color {_fmt(cs['target_color'], 0)}, shape kept "
-                     f"{_fmt(cs['shape_kept'], 0)}, position kept {_fmt(cs['position_kept'], 0)}, "
-                     f"mask IoU {_fmt(cs['mask_iou'], 0)}")
+        for name in ("color_swap", "color_swap_features", "shape_swap", "shape_swap_features"):
+            sw = e[name]
+            label = name.replace("_", " ").replace(" features", f" + features {e['swap_feature_replace'][1]:g}")
+            lines.append(f"{label} (n={sw['n']}): " + ", ".join(
+                f"{k.replace('_', ' ')} {_fmt(v, 0)}" for k, v in sw.items() if k not in ("n", "mask_iou_n")))
         for mode, r in rw.items():
             curve = " ".join(f"{w}:{_fmt(v, 0)}" for w, v in r["strength"].items())
             lines.append(f"reweight {mode} (n={r['n']}): Spearman rho(weight, color strength) "
