@@ -182,7 +182,7 @@ def cmd_eval(args) -> None:
     pipe = load_pipeline(args.pipeline)
     report = evaluate(pipe, quick=args.quick, seeds=args.seeds, guidance_scales=args.guidance,
                       steps=args.steps, sets=tuple(s.strip() for s in args.sets.split(",") if s.strip()),
-                      heatmaps=not args.no_heatmaps, edits=not args.no_edits,
+                      heatmaps=not args.no_heatmaps, edits=not args.no_edits, edit_prompts=args.edit_prompts,
                       pipeline=args.pipeline or default_pipeline(), progress=sys.stderr.isatty())
     print(format_report(report))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -266,6 +266,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--sets", default="single,two,heldout", help="comma-separated prompt sets")
     v.add_argument("--no-heatmaps", action="store_true", help="skip heatmap IoU")
     v.add_argument("--no-edits", action="store_true", help="skip the edit metrics")
+    v.add_argument("--edit-prompts", type=int, help="single-object prompts edited (the set's first N; default 8, quick 2)")
     v.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("train-clip", help="pre-train a CLIP text encoder contrastively on the config's data")

@@ -228,6 +228,12 @@ def test_cli_eval_writes_the_report(tmp_path, tiny_pipe, capsys):
     printed = capsys.readouterr().out
     assert "single" in printed and "heldout" in printed and str(out) in printed
     assert main(["eval", str(tmp_path / "pipe"), "--quick", "--sets", "single,nope", "-o", str(out)]) == 2
+    assert main(["eval", str(tmp_path / "pipe"), "--quick", "--sets", "single", "--guidance", "1", "--no-heatmaps",
+                 "--edit-prompts", "1", "-o", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["edit_prompts"] == 1 and report["edits"]["color_swap_features"]["n"] == 1
+    assert main(["eval", str(tmp_path / "pipe"), "--quick", "--edit-prompts", "0", "-o", str(out)]) == 2
+    assert "asked for n=0" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="no pipeline in pipelines/shapes-32")

@@ -50,3 +50,21 @@ def test_local_blend_mask_covers_the_object_and_keeps_the_rest(shipped):
     assert np.abs(src.astype(float) - tgt)[~mask].mean() < 2  # outside: the source's pixels (< 2 of 255 levels)
     edited = detect(tgt)
     assert edited and edited[0].color == "green"
+
+
+def test_feature_injection_keeps_the_object_while_the_color_changes(shipped):
+    from diffxattn.editing import edit
+    from diffxattn.eval import metrics
+
+    plain = metrics.to_uint8(list(edit(shipped, "a red circle at the left", "a blue circle at the left",
+                                       output_type="np")))
+    kept = metrics.to_uint8(list(edit(shipped, "a red circle at the left", "a blue circle at the left",
+                                      feature_replace=(0, 0.8), output_type="np")))
+    np.testing.assert_array_equal(kept[0], plain[0])  # the same source
+    with_features, without = metrics.swap_scores(*kept, "blue"), metrics.swap_scores(*plain, "blue")
+    assert with_features["target_color"] and with_features["shape_kept"] and with_features["position_kept"]
+    assert with_features["mask_iou"] > 0.9 > without["mask_iou"]  # plain prompt-to-prompt shrinks this circle
+    shape = metrics.swap_scores(*metrics.to_uint8(list(edit(
+        shipped, "a red circle at the left", "a red square at the left", feature_replace=(0, 0.8), output_type="np"))),
+        "square", "shape")
+    assert not shape["target_shape"] and shape["color_kept"]  # features fix the shape: no shape swap with them
