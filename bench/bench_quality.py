@@ -30,7 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-import torch  # noqa: E402
 
 NAME = "quality"
 LAYERS = "[" + ", ".join(map(str, common.DIFFUSERS_LAYERS_PER_BLOCK)) + "]"
@@ -98,20 +97,13 @@ def score(folder: Path, s: dict) -> dict:
     pipe = load_pipeline(str(folder))  # fp32 on a CPU, on the GPU when there is one
     report = evaluate(pipe, seeds=1, guidance_scales=(1.0,), guidance_scale=1.0, steps=s["eval_steps"],
                       sizes=s["sizes"], edits=False)
-    times = [common.timed(lambda: _synced(common.sample(pipe, s["sample_steps"])))
-             for _ in range(s["sample_repeats"] + 1)]
+    times = [common.timed(lambda: common.sample(pipe, s["sample_steps"])) for _ in range(s["sample_repeats"] + 1)]
     attributes = [a for v in report["sets"].values() for a in v["accuracy"].values() if a is not None]
     return {"all": {k: v["all"] for k, v in report["sets"].items()},
             "attributes": {k: v["accuracy"] for k, v in report["sets"].items()},
             "mean_attribute": sum(attributes) / len(attributes),
             "shape_iou_best": report["heatmap_iou"]["shape"]["iou@best"],
             "params": common.num_params(pipe.unet), "sample_s_per_image": common.median(times[1:])}
-
-
-def _synced(out):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out
 
 
 def run(args) -> dict:

@@ -214,8 +214,11 @@ def sample(pipe, steps: int, size: int = 32, prompt: str = PROMPT, seed: int = 0
 
 # -- timing --
 def timed(fn: Callable[[], object]) -> float:
+    """Wall seconds of fn(); on a GPU, after its queued kernels have finished."""
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 

@@ -34,6 +34,8 @@ QUICK_GUIDANCE = (1.0, 3.0)
 REWEIGHTS = (0.5, 0.75, 1.0, 1.5, 2.0)
 REWEIGHT_MODES = ("attention", "embedding")
 SWAP_FEATURES = (0, 0.8)  # feature_replace of the "_features" swaps
+SWAPS = {f"{attribute}_swap{suffix}": (attribute, features) for attribute in ("color", "shape")
+         for suffix, features in (("", (0, 0)), ("_features", SWAP_FEATURES))}  # name: (attribute, feature_replace)
 _QUICK_MAX_STEPS = 10
 
 
@@ -106,7 +108,7 @@ def _edit_metrics(pipe, prompts: list[str], seeds, *, scale: float, steps: int, 
     """Color and shape swaps (prompt-to-prompt alone, and with the source's decoder features), reweighting
     (attention and embedding modes) and local blend on single-object prompts."""
     kw = dict(num_inference_steps=steps, guidance_scale=scale)
-    swaps = {f"{attribute}_swap{suffix}": [] for attribute in ("color", "shape") for suffix in ("", "_features")}
+    swaps = {name: [] for name in SWAPS}
     blends = []
     strengths = {mode: {w: [] for w in weights} for mode in REWEIGHT_MODES}
     rhos = {mode: [] for mode in REWEIGHT_MODES}
@@ -117,12 +119,10 @@ def _edit_metrics(pipe, prompts: list[str], seeds, *, scale: float, steps: int, 
         for seed in seeds:
             # (a) word swaps: the color (shape) changes, the rest of the object stays
             pairs = {}
-            for name, rows in swaps.items():
-                attribute = name.split("_")[0]
-                features = SWAP_FEATURES if name.endswith("_features") else (0, 0)
+            for name, (attribute, features) in SWAPS.items():
                 pairs[name] = metrics.to_uint8(list(edit(pipe, prompt, targets[attribute], seed=seed, output_type="np",
                                                          feature_replace=features, **kw)))
-                rows.append(metrics.swap_scores(*pairs[name], new[attribute], attribute))
+                swaps[name].append(metrics.swap_scores(*pairs[name], new[attribute], attribute))
             src, tgt = pairs["color_swap"]
             # (c) local blend on the edited object's word: pixels outside the blend mask stay the source's
             b_src, b_tgt, mask = _blend_edit(pipe, prompt, targets["color"], [shape], seed, **kw)
@@ -255,7 +255,7 @@ def format_report(report: dict) -> str:
         e = report["edits"]
         rw, lb = e["reweight"], e["local_blend"]
         lines.append("")
-        for name in ("color_swap", "color_swap_features", "shape_swap", "shape_swap_features"):
+        for name in SWAPS:
             sw = e[name]
             label = name.replace("_", " ").replace(" features", f" + features {e['swap_feature_replace'][1]:g}")
             lines.append(f"{label} (n={sw['n']}): " + ", ".join(
