@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+from diffxattn.eval.prompts import SET_NAMES  # noqa: E402
+
 NAME = "quality"
 LAYERS = "[" + ", ".join(map(str, common.DIFFUSERS_LAYERS_PER_BLOCK)) + "]"
 VARIANTS = {  # name -> (description, config overrides)
@@ -51,12 +53,13 @@ ABLATION = ("cross-8", "ours", "cross-all", "self-all")
 def settings(args) -> dict:
     """The run's settings (recorded in the results); --quick: tiny sizes, same code."""
     extra = dict(overrides=list(args.set or []))
+    sets = args.sets or SET_NAMES
     if args.quick:
-        return dict(minutes=0.05, batch=4, probe_steps=3, min_steps=2, sizes=dict(single=1, two=1, heldout=1),
+        return dict(minutes=0.05, batch=4, probe_steps=3, min_steps=2, sizes={k: 1 for k in sets},
                     eval_steps=2, sample_steps=2, sample_repeats=1, **extra)
     return dict(minutes=args.minutes, batch=args.batch, probe_steps=8, min_steps=10,
-                sizes=dict(zip(("single", "two", "heldout"), args.prompts)), eval_steps=30, sample_steps=30,
-                sample_repeats=3, **extra)
+                sizes={k: n for k, n in zip(SET_NAMES, args.prompts) if k in sets}, eval_steps=30,
+                sample_steps=30, sample_repeats=3, **extra)
 
 
 def train_variant(name: str, s: dict, text: str, workdir: Path) -> dict:
@@ -96,7 +99,7 @@ def score(folder: Path, s: dict) -> dict:
 
     pipe = load_pipeline(str(folder))  # fp32 on a CPU, on the GPU when there is one
     report = evaluate(pipe, seeds=1, guidance_scales=(1.0,), guidance_scale=1.0, steps=s["eval_steps"],
-                      sizes=s["sizes"], edits=False)
+                      sets=tuple(s["sizes"]), sizes=s["sizes"], edits=False)
     times = [common.timed(lambda: common.sample(pipe, s["sample_steps"])) for _ in range(s["sample_repeats"] + 1)]
     attributes = [a for v in report["sets"].values() for a in v["accuracy"].values() if a is not None]
     return {"all": {k: v["all"] for k, v in report["sets"].items()},
@@ -144,11 +147,12 @@ def markdown(data: dict) -> str:
              common.machine_line(data["machine"], "the variants ran one after another"), "",
              f"Each variant: {s['minutes']:g} min of training (steps = minutes x its probed images/s / batch "
              f"{s['batch']}, at least {s['min_steps']}; train min: the wall time it took), text encoder "
-             f"`{data['text_encoder']}` frozen; then all-correct accuracy on {s['sizes']['single']}/"
-             f"{s['sizes']['two']}/{s['sizes']['heldout']} prompts (single/two/held-out), 1 seed, guidance 1, "
+             f"`{data['text_encoder']}` frozen; then all-correct accuracy on "
+             f"{'/'.join(str(s['sizes'].get(k, 0)) for k in SET_NAMES)} prompts (single/two/held-out; 0: set "
+             f"not scored), 1 seed, guidance 1, "
              f"{s['eval_steps']} DDIM steps; shape-word heatmap IoU at the best threshold; sampling s/image at "
              f"{s['sample_steps']} steps. single/two/held-out: all-correct accuracy; attributes: the mean of the "
-             f"per-attribute accuracies (count, color, shape, position or relation, size) over the three sets; "
+             f"per-attribute accuracies (count, color, shape, position or relation, size) over the scored sets; "
              f"final loss: median training loss over the last tenth of the logged steps."
              + (f" Trainer overrides for every variant: `{' '.join(s['overrides'])}`." if s.get("overrides") else ""),
              ""]
@@ -158,7 +162,7 @@ def markdown(data: dict) -> str:
     def rows(names):
         return [[n, f"{v[n]['params']:,}", f"{v[n]['images_per_s']:.1f}", str(v[n]["steps"]),
                  f"{v[n]['train_s'] / 60:.1f}", f"{v[n]['final_loss']:.4f}",
-                 *(f"{v[n]['all'][k]:.2f}" for k in ("single", "two", "heldout")),
+                 *(f"{v[n]['all'][k]:.2f}" if k in v[n]["all"] else "-" for k in SET_NAMES),
                  f"{v[n]['mean_attribute']:.2f}",
                  "-" if v[n]["shape_iou_best"] is None else f"{v[n]['shape_iou_best']:.2f}",
                  f"{v[n]['sample_s_per_image']:.2f}"] for n in names if n in v]
@@ -183,6 +187,8 @@ def main(argv=None) -> None:
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="trainer config overrides for every variant")
     p.add_argument("--prompts", type=int, nargs=3, default=(32, 32, 16), metavar=("SINGLE", "TWO", "HELDOUT"),
                    help="prompts per set in the evaluation")
+    p.add_argument("--sets", nargs="+", choices=SET_NAMES,
+                   help="prompt sets to score (default: all; e.g. `single heldout` for data.max_objects=1)")
     p.add_argument("--keep", help="folder for the runs (each variant's pipeline stays in KEEP/NAME/pipeline)")
     args = p.parse_args(argv)
     data = run(args)

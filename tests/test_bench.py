@@ -147,3 +147,14 @@ def test_quality_trains_every_variant_for_the_same_time_and_scores_it(tmp_path):
     md = (tmp_path / "quality.md").read_text()
     assert "## Equal training time" in md and "## Where cross- and self-attention live" in md
     assert "Trainer overrides for every variant: `train.caption_dropout=0.5`." in md
+
+
+def test_quality_scores_only_the_chosen_prompt_sets(tmp_path):
+    data = run_quick("bench_quality", tmp_path, "--variants", "ours", "--sets", "single", "heldout",
+                     "--set", "data.max_objects=1")
+    assert data["settings"]["sizes"] == {"single": 1, "heldout": 1}
+    ours = data["variants"]["ours"]
+    assert set(ours["all"]) == set(ours["attributes"]) == {"single", "heldout"}
+    row = next(line for line in (tmp_path / "quality.md").read_text().splitlines() if line.startswith("| ours"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[7] == "-" and cells[6] != "-" and cells[8] != "-"  # single, two (not scored), held-out
