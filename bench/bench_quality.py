@@ -3,6 +3,8 @@
     python bench/bench_quality.py [--minutes 10] [--variants ours diffusers-all ...] [--quick] [--out bench/results]
     python bench/bench_quality.py --minutes 3 --batch 512 --set train.mixed_precision=bf16 optim.lr=1e-3 \
         data.num_workers=4 --prompts 64 64 32 --keep runs/quality     # on a GPU
+    python bench/bench_quality.py --minutes 11 --batch 32 --set data.max_objects=1 optim.lr=8e-4 \
+        --sets single heldout --prompts 48 0 24                         # single objects, 2 CPU cores
 
 Every variant trains with the project's trainer (`diffxattn.train.train`) on the shapes data, with the same
 frozen text encoder (`--text`, default the shipped pipeline's CLIP), batch, learning rate (warm-up: a tenth of
