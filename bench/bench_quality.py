@@ -55,7 +55,7 @@ ABLATION = ("cross-8", "ours", "cross-all", "self-all")
 def settings(args) -> dict:
     """The run's settings (recorded in the results); --quick: tiny sizes, same code."""
     extra = dict(overrides=list(args.set or []))
-    sets = args.sets or SET_NAMES
+    sets = [k for k in SET_NAMES if k in (args.sets or SET_NAMES)]  # in the report's order
     if args.quick:
         return dict(minutes=0.05, batch=4, probe_steps=3, min_steps=2, sizes={k: 1 for k in sets},
                     eval_steps=2, sample_steps=2, sample_repeats=1, **extra)
