@@ -10,9 +10,9 @@ Every variant trains with the project's trainer (`diffxattn.train.train`) on the
 frozen text encoder (`--text`, default the shipped pipeline's CLIP), batch, learning rate (warm-up: a tenth of
 the run) and threads, for the same wall time: a short probe run measures each variant's images/s with that
 trainer, and the real run gets max_steps = minutes * 60 * images/s / batch (so every cosine schedule runs to
-its end). Then each pipeline is scored by `evaluate` (all-correct accuracy per prompt set, shape-word heatmap
-IoU at the best threshold, guidance 1) and its sampling time per image is measured (30 DDIM steps, one image
-per call).
+its end). Then each pipeline is scored by `evaluate` (all-correct accuracy per prompt set; shape- and color-word
+heatmap IoU at the best threshold, of the maps of every resolution together and of each resolution alone;
+guidance 1) and its sampling time per image is measured (30 DDIM steps, one image per call).
 
 Two tables come from the same runs:
 - equal time (issue target: ours' all-correct accuracy >= each diffusers UNet's; also compared on the mean
@@ -107,7 +107,9 @@ def score(folder: Path, s: dict) -> dict:
     return {"all": {k: v["all"] for k, v in report["sets"].items()},
             "attributes": {k: v["accuracy"] for k, v in report["sets"].items()},
             "mean_attribute": sum(attributes) / len(attributes),
-            "shape_iou_best": report["heatmap_iou"]["shape"]["iou@best"],
+            **{f"{kind}_iou_best": report["heatmap_iou"][kind]["iou@best"] for kind in ("shape", "color")},
+            "iou_by_resolution": {res: {kind: h[kind]["iou@best"] for kind in ("shape", "color")}
+                                  for res, h in report["heatmap_iou"]["by_resolution"].items()},
             "params": common.num_params(pipe.unet), "sample_s_per_image": common.median(times[1:])}
 
 
@@ -152,21 +154,32 @@ def markdown(data: dict) -> str:
              f"`{data['text_encoder']}` frozen; then all-correct accuracy on "
              f"{'/'.join(str(s['sizes'].get(k, 0)) for k in SET_NAMES)} prompts (single/two/held-out; 0: set "
              f"not scored), 1 seed, guidance 1, "
-             f"{s['eval_steps']} DDIM steps; shape-word heatmap IoU at the best threshold; sampling s/image at "
+             f"{s['eval_steps']} DDIM steps; shape- and color-word heatmap IoU at the best threshold, of the maps "
+             f"averaged over every cross-attention resolution and (32/16/8) of each resolution's maps alone "
+             f"(-: no cross-attention there, or no object detected); sampling s/image at "
              f"{s['sample_steps']} steps. single/two/held-out: all-correct accuracy; attributes: the mean of the "
              f"per-attribute accuracies (count, color, shape, position or relation, size) over the scored sets; "
              f"final loss: median training loss over the last tenth of the logged steps."
              + (f" Trainer overrides for every variant: `{' '.join(s['overrides'])}`." if s.get("overrides") else ""),
              ""]
     header = ["variant", "parameters", "train img/s", "steps", "train min", "final loss", "single", "two",
-              "held-out", "attributes", "shape IoU", "s/image"]
+              "held-out", "attributes", "shape IoU", "shape IoU 32/16/8", "color IoU", "color IoU 32/16/8",
+              "s/image"]
+
+    def iou(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    def by_res(variant, kind):
+        res = variant.get("iou_by_resolution", {})
+        return "/".join(iou(res[r][kind]) if r in res else "-" for r in ("32", "16", "8"))
 
     def rows(names):
         return [[n, f"{v[n]['params']:,}", f"{v[n]['images_per_s']:.1f}", str(v[n]["steps"]),
                  f"{v[n]['train_s'] / 60:.1f}", f"{v[n]['final_loss']:.4f}",
                  *(f"{v[n]['all'][k]:.2f}" if k in v[n]["all"] else "-" for k in SET_NAMES),
                  f"{v[n]['mean_attribute']:.2f}",
-                 "-" if v[n]["shape_iou_best"] is None else f"{v[n]['shape_iou_best']:.2f}",
+                 iou(v[n]["shape_iou_best"]), by_res(v[n], "shape"), iou(v[n]["color_iou_best"]),
+                 by_res(v[n], "color"),
                  f"{v[n]['sample_s_per_image']:.2f}"] for n in names if n in v]
 
     for title, names in (("Equal training time: ours vs diffusers", EQUAL_TIME),

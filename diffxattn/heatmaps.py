@@ -112,7 +112,7 @@ def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, promp
         "words": [w for w, _ in words],
         "word_tokens": {k: pos for k, (_, pos) in zip(keys, words)},
         "word_files": dict(zip(keys, files)),
-        "resolutions": sorted({h for h, _ in store.sums}, reverse=True),
+        "resolutions": store.captured_resolutions,
         "image_size": list(store.image_size),
         "num_steps": store.num_steps,
         "steps_captured": sorted(store.steps_seen),

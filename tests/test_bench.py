@@ -137,6 +137,8 @@ def test_quality_trains_every_variant_for_the_same_time_and_scores_it(tmp_path):
         assert v["steps"] == max(s["min_steps"], int(s["minutes"] * 60 * v["images_per_s"] / s["batch"]))
         assert set(v["all"]) == {"single", "two", "heldout"} and all(0 <= a <= 1 for a in v["all"].values())
         assert v["final_loss"] > 0 and 0 <= v["mean_attribute"] <= 1
+        assert set(v["iou_by_resolution"]) <= {"32", "16", "8"}
+        assert all(set(kinds) == {"shape", "color"} for kinds in v["iou_by_resolution"].values())
         accuracies = [a for acc in v["attributes"].values() for a in acc.values() if a is not None]
         assert v["mean_attribute"] == pytest.approx(sum(accuracies) / len(accuracies))
     params = {n: v["params"] for n, v in variants.items()}
@@ -146,6 +148,7 @@ def test_quality_trains_every_variant_for_the_same_time_and_scores_it(tmp_path):
                                    for k in (", mean all-correct accuracy", ", mean attribute accuracy")}
     md = (tmp_path / "quality.md").read_text()
     assert "## Equal training time" in md and "## Where cross- and self-attention live" in md
+    assert "| shape IoU | shape IoU 32/16/8 | color IoU | color IoU 32/16/8 |" in md
     assert "Trainer overrides for every variant: `train.caption_dropout=0.5`." in md
 
 

@@ -60,6 +60,17 @@ def test_selection_by_resolution_block_and_steps(tiny_pipe):
     with AttentionStore(tiny_pipe, resolutions=(8,), blocks=("up",), steps=(1, 3)) as store:
         tiny_pipe("a red circle", generator=seeded(0), num_inference_steps=4)
     assert set(store.sums) == {(8, 8)} and store.steps_seen == {1, 2}
+    with AttentionStore(tiny_pipe) as every:
+        tiny_pipe("a red circle", generator=seeded(0), num_inference_steps=4)
+    with AttentionStore(tiny_pipe, resolutions=(8,)) as only8:
+        tiny_pipe("a red circle", generator=seeded(0), num_inference_steps=4)
+    assert len(every.captured_resolutions) > 1 and only8.captured_resolutions == [8]
+    # reading one resolution back = capturing only that resolution; all together is a different map
+    torch.testing.assert_close(every.token_maps(resolution=8), only8.token_maps())
+    assert not torch.allclose(every.token_maps(), only8.token_maps())
+    assert every.word_maps(resolution=8).keys() == every.word_maps().keys()
+    with pytest.raises(ValueError, match="resolution=32 was not captured; captured: "):
+        every.token_maps(resolution=32)
     with AttentionStore(tiny_pipe, heads="each") as each:
         tiny_pipe("a red circle", generator=seeded(0))
     assert next(iter(each.sums.values())).shape[1] == 2  # two heads kept

@@ -90,15 +90,23 @@ def test_heatmap_iou_of_perfect_inverted_and_half_maps():
 
 
 class _MapStore:
-    """Stands in for an AttentionStore: every word's map is the ground-truth mask of its object."""
+    """Stands in for an AttentionStore: every word's map is the ground-truth mask of its object; at the
+    16x16 layers too, while at the 8x8 layers every word looks at the other object."""
+
+    captured_resolutions = [16, 8]
 
     def __init__(self, caption, masks):
         owners = parse_caption_words(caption)[1]
-        self.maps = {k: torch.tensor(masks[o] if o >= 0 else np.zeros_like(masks[0]), dtype=torch.float32)
-                     for k, o in zip(word_keys(caption.split()), owners)}
+        keys = word_keys(caption.split())
 
-    def word_maps(self, index, prompt, normalize):
-        return self.maps
+        def maps(masks):
+            return {k: torch.tensor(masks[o] if o >= 0 else np.zeros_like(masks[0]), dtype=torch.float32)
+                    for k, o in zip(keys, owners)}
+
+        self.maps = {None: maps(masks), 16: maps(masks), 8: maps(masks[::-1])}
+
+    def word_maps(self, index, prompt, normalize, resolution=None):
+        return self.maps[resolution]
 
 
 def test_heatmap_tally_matches_each_word_to_its_detected_object():
@@ -113,10 +121,16 @@ def test_heatmap_tally_matches_each_word_to_its_detected_object():
     summary = tally.summary()
     assert summary["color"]["n"] == summary["shape"]["n"] == 2
     assert summary["color"]["iou@best"] > 0.9 and summary["shape"]["iou@best"] > 0.9
+    by_res = summary["by_resolution"]
+    assert list(by_res) == ["16", "8"] and by_res["16"] == {k: summary[k] for k in ("color", "shape")}
+    assert by_res["8"]["color"]["n"] == 2 and by_res["8"]["color"]["iou@best"] == by_res["8"]["shape"]["iou@best"] == 0
     swapped = _MapStore(caption, masks[::-1])  # every word looks at the other object
     tally = _HeatmapTally(metrics.THRESHOLDS)
     tally.add(swapped, 0, caption, detections)
     assert tally.summary()["shape"]["iou@best"] == 0.0
+    tally = _HeatmapTally(metrics.THRESHOLDS)
+    tally.add(_MapStore(caption, masks), 0, caption, detect(np.zeros_like(image)))
+    assert tally.summary() == {**{k: metrics.summarize_ious([]) for k in ("color", "shape")}, "by_resolution": {}}
     assert metrics.word_masks(caption, detect(np.zeros_like(image))) == []  # nothing detected: nothing scored
 
 
@@ -192,10 +206,13 @@ def test_quick_evaluate_report_has_every_key_with_scores_in_range(tiny_pipe):
     assert report["guidance"]["1"] == {k: v["all"] for k, v in report["sets"].items()}  # main scale: reused
     for g in report["guidance"].values():
         assert set(g) == {"single", "two", "heldout"} and all(0 <= v <= 1 for v in g.values())
-    for kind in ("color", "shape"):
-        h = report["heatmap_iou"][kind]
-        assert set(h) == {"n", "iou@0.4", "best_tau", "iou@best"} and isinstance(h["n"], int)
-        assert all(v is None or 0 <= v <= 1 for v in h.values() if not isinstance(v, int))
+    assert set(report["heatmap_iou"]) == {"color", "shape", "by_resolution"}
+    assert set(report["heatmap_iou"]["by_resolution"]) <= {"16", "8"}  # the tiny UNet's cross-attention heights
+    for kinds in (report["heatmap_iou"], *report["heatmap_iou"]["by_resolution"].values()):
+        for kind in ("color", "shape"):
+            h = kinds[kind]
+            assert set(h) == {"n", "iou@0.4", "best_tau", "iou@best"} and isinstance(h["n"], int)
+            assert all(v is None or 0 <= v <= 1 for v in h.values() if not isinstance(v, int))
     edits = report["edits"]
     for name in ("color_swap", "color_swap_features"):
         assert set(edits[name]) == {"n", "target_color", "shape_kept", "position_kept", "mask_iou", "mask_iou_n"}

@@ -140,11 +140,21 @@ class AttentionStore(ControllerContext):
         per_res = [self._upsample(sums[k][index] / counts[k], k, size) for k in sorted(sums, reverse=True)]
         return torch.stack(per_res).mean(0)
 
-    def token_maps(self, index: int = 0, size: tuple[int, int] | None = None, head: int | None = None) -> torch.Tensor:
-        """Per-token maps (S, H, W) of image `index`, upsampled to the image size (or `size`)."""
+    def token_maps(self, index: int = 0, size: tuple[int, int] | None = None, head: int | None = None,
+                   resolution: int | None = None) -> torch.Tensor:
+        """Per-token maps (S, H, W) of image `index`, upsampled to the image size (or `size`); `resolution`:
+        only the layers whose query map is that many rows high (e.g. 16), instead of every captured one."""
         size = size or self.image_size
-        sums = {k: (v[:, head] if head is not None else v.mean(1)) for k, v in self.sums.items()}
+        if resolution is not None and resolution not in self.captured_resolutions:
+            raise ValueError(f"resolution={resolution} was not captured; captured: {self.captured_resolutions}")
+        sums = {k: (v[:, head] if head is not None else v.mean(1)) for k, v in self.sums.items()
+                if resolution is None or k[0] == resolution}
         return self._combine(sums, self.counts, index, size)
+
+    @property
+    def captured_resolutions(self) -> list[int]:
+        """Heights of the query maps captured so far, highest first (e.g. [16, 8])."""
+        return sorted({h for h, _ in self.sums}, reverse=True)
 
     def step_token_maps(self, index: int = 0, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Per step bin, per-token maps (bins, S, H, W); bins without captured steps are zero."""
@@ -185,13 +195,13 @@ class AttentionStore(ControllerContext):
         return next(iter(self.sums.values())).shape[0]
 
     def word_maps(self, index: int = 0, prompt: str | None = None, normalize: str = "none",
-                  size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+                  size: tuple[int, int] | None = None, resolution: int | None = None) -> dict[str, torch.Tensor]:
         """{word: (H, W)} for image `index`; a word of several tokens is the mean of its tokens' maps.
 
         A repeated word is keyed "word", "word#2", ...; normalize: "none", "minmax" (per word to [0, 1])
-        or "share" (each pixel's attention split across the prompt's words).
+        or "share" (each pixel's attention split across the prompt's words); resolution: as in `token_maps`.
         """
-        tokens = self.token_maps(index, size)
+        tokens = self.token_maps(index, size, resolution=resolution)
         return words_to_maps(self.words(index, prompt), tokens, normalize)
 
     def word_map(self, word: str, occurrence: int = 1, index: int = 0, **kw) -> torch.Tensor:

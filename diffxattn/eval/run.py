@@ -13,6 +13,7 @@ the accuracy run at the main guidance scale, so they cost no extra sampling.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -44,22 +45,32 @@ def _generators(seeds) -> list[torch.Generator]:
 
 
 class _HeatmapTally:
-    """IoU curves (over thresholds) of every scored color and shape word map."""
+    """IoU curves (over thresholds) of every scored color and shape word map: of the maps averaged over all
+    captured resolutions (the heatmaps users see), and of each resolution's maps alone."""
 
     def __init__(self, thresholds):
         self.thresholds = thresholds
-        self.ious: dict[str, list[np.ndarray]] = {"color": [], "shape": []}
+        self.ious: dict[int | None, dict[str, list[np.ndarray]]] = defaultdict(lambda: {"color": [], "shape": []})
 
     def add(self, store: AttentionStore, index: int, caption: str, detections) -> None:
-        maps = store.word_maps(index, prompt=caption, normalize="minmax")
         keys = word_keys(caption.split())  # same order as the store's words: captions have no punctuation
-        for i, kind, mask in metrics.word_masks(caption, detections):
-            if keys[i] in maps:  # words cut off by the tokenizer's length have no map
-                heat = maps[keys[i]].cpu().numpy()
-                self.ious[kind].append(metrics.threshold_ious(heat, mask, self.thresholds))
+        words = metrics.word_masks(caption, detections)
+        if not words:
+            return
+        for res in (None, *store.captured_resolutions):  # None: all resolutions together
+            maps = store.word_maps(index, prompt=caption, normalize="minmax", resolution=res)
+            for i, kind, mask in words:
+                if keys[i] in maps:  # words cut off by the tokenizer's length have no map
+                    heat = maps[keys[i]].cpu().numpy()
+                    self.ious[res][kind].append(metrics.threshold_ious(heat, mask, self.thresholds))
 
     def summary(self) -> dict:
-        return {kind: metrics.summarize_ious(curves, self.thresholds) for kind, curves in self.ious.items()}
+        """{"color": ..., "shape": ...} of the all-resolution maps (as `summarize_ious`), plus
+        "by_resolution": {"16": {"color": ..., "shape": ...}, ...} of each resolution alone."""
+        def kinds(res):
+            return {kind: metrics.summarize_ious(self.ious[res][kind], self.thresholds) for kind in ("color", "shape")}
+        return {**kinds(None), "by_resolution": {str(r): kinds(r) for r in sorted(
+            (r for r in self.ious if r is not None), reverse=True)}}
 
 
 def _score_set(pipe, prompts: list[str], seeds, *, scale: float, steps: int, batch_size: int,
@@ -247,10 +258,14 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:<9}" + "".join(_fmt(report["guidance"][g][name], 9) for g in scales))
     if report["heatmap_iou"]:
         lines.append("")
-        lines.append(f"{'heatmap':<9}{'n':>6}{'iou@0.4':>9}{'best tau':>9}{'iou@best':>9}")
-        for kind, h in report["heatmap_iou"].items():
-            values = "".join(_fmt(h[k], 9) for k in ("iou@0.4", "best_tau", "iou@best"))
-            lines.append(f"{kind:<9}{h['n']:>6}{values}")
+        lines.append(f"{'heatmap':<13}{'n':>6}{'iou@0.4':>9}{'best tau':>9}{'iou@best':>9}")
+        by_res = report["heatmap_iou"]["by_resolution"]
+        rows = [("", report["heatmap_iou"])] + [(f" {r}x{r}", by_res[r]) for r in by_res]
+        for label, kinds in rows:
+            for kind in ("color", "shape"):
+                h = kinds[kind]
+                values = "".join(_fmt(h[k], 9) for k in ("iou@0.4", "best_tau", "iou@best"))
+                lines.append(f"{kind + label:<13}{h['n']:>6}{values}")
     if report["edits"]:
         e = report["edits"]
         rw, lb = e["reweight"], e["local_blend"]
