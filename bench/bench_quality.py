@@ -170,7 +170,7 @@ def markdown(data: dict) -> str:
         return "-" if x is None else f"{x:.2f}"
 
     def by_res(variant, kind):
-        res = variant.get("iou_by_resolution", {})
+        res = variant["iou_by_resolution"]
         return "/".join(iou(res[r][kind]) if r in res else "-" for r in ("32", "16", "8"))
 
     def rows(names):
