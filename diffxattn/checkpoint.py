@@ -17,6 +17,7 @@ accelerate loads with weights_only=False).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,14 +29,44 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
+from . import atomic
 from .build import build_models, make_pipeline
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import UserError
 from .pipeline import DiffXAttnPipeline
 
 MARKER, STATE, CONFIG = "COMPLETE", "trainer_state.json", "config.yaml"
 EMA, TOKENIZER = "ema.safetensors", "tokenizer"
 _NAME = re.compile(r"checkpoint-(\d+)")
 _TMP = ".tmp-"
+
+
+class CheckpointError(UserError):
+    """A checkpoint folder is incomplete or cannot be read; the message names it."""
+
+
+class OutputExistsError(UserError):
+    """An output folder holds files this project did not write; replacing it needs --overwrite."""
+
+
+@contextlib.contextmanager
+def reading(folder: Path):
+    """Whatever reading a checkpoint's files raises (a damaged config, weights of another shape) is the
+    checkpoint's fault: a CheckpointError naming the folder."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot read the checkpoint {folder}: {type(e).__name__}: {e}") from e
+
+
+def incomplete_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint-N folder without the marker: not a finished save (nor anything a killed
+    save leaves: that is a .tmp- folder), so something a user put there."""
+    root = Path(root)
+    return sorted((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
+                  if (m := _NAME.fullmatch(p.name)) and not is_complete(p))
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -175,28 +206,63 @@ def named_trained_params(modules: list) -> dict[str, torch.nn.Parameter]:
     return {f"{i}.{n}": p for i, m in enumerate(modules) for n, p in m.named_parameters() if p.requires_grad}
 
 
-def save_pipeline(pipe: DiffXAttnPipeline, out: Path) -> None:
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+def is_own_pipeline(folder: Path) -> bool:
+    """A pipeline folder this project wrote: model_index.json names DiffXAttnPipeline and the folder holds
+    nothing but it and the components it lists (no model card, no file of the user's)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        entries = [p.name for p in folder.iterdir()]
+    except (OSError, ValueError):
+        return False
+    if not isinstance(index, dict) or index.get("_class_name") != DiffXAttnPipeline.__name__:
+        return False
+    parts = {"model_index.json"} | {k for k, v in index.items() if isinstance(v, list)}
+    return all(name in parts for name in entries)
 
 
-def export_checkpoint(folder: str | Path, out: str | Path) -> Path:
+def check_replaceable(out: Path) -> None:
+    """The overwrite policy: `out` may be replaced without --overwrite only if it does not exist, is an empty
+    folder, or is a pipeline folder this project wrote."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"{out} is a file, not a folder; choose another path, or pass --overwrite to "
+                                "replace it")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not is_own_pipeline(out):
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise OutputExistsError(f"{out} is not empty and is not a pipeline folder written by diffxattn (it holds "
+                                f"{shown}); choose a new folder, or pass --overwrite to replace it and everything "
+                                "in it")
+
+
+def save_pipeline(pipe: DiffXAttnPipeline, out: str | os.PathLike, *, overwrite: bool = False,
+                  keep: tuple[Path, ...] = ()) -> Path:
+    """Save `pipe` as the folder `out`, replacing it atomically (the old folder stays until the new one is
+    complete). Without `overwrite`, `out` must pass `check_replaceable`; never the working directory, home, a
+    parent of them, or a folder holding a path in `keep`."""
+    if not overwrite:
+        check_replaceable(Path(out))
+    return atomic.replace_folder(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), keep)
+
+
+def export_checkpoint(folder: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """A complete checkpoint as a pipeline folder (EMA weights if the run had EMA); reads no pickles."""
     folder, out = Path(folder), Path(out)
     if not is_complete(folder):
-        raise ConfigError(f"{folder} is not a complete checkpoint (no {MARKER} marker)")
-    cfg = load_config(folder / CONFIG)
-    tokenizer = None if cfg.text.pretrained else CLIPTokenizer.from_pretrained(str(folder / TOKENIZER))
-    tokenizer, text_encoder, unet = build_models(cfg, tokenizer)
-    trained = [unet] + ([text_encoder] if cfg.text.train else [])
-    for i, module in enumerate(trained):
-        module.load_state_dict(read_model_weights(folder, i))
-    if (ema := read_ema(folder)) is not None:
-        with torch.no_grad():
-            for name, p in named_trained_params(trained).items():
-                p.copy_(ema[name])
-    save_pipeline(make_pipeline(cfg, unet, text_encoder, tokenizer), out)
-    return out
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no {MARKER} marker)")
+    atomic.protect(out, keep=(folder,))
+    if not overwrite:  # before the slow part
+        check_replaceable(out)
+    with reading(folder):
+        cfg = load_config(folder / CONFIG)
+        tokenizer = None if cfg.text.pretrained else CLIPTokenizer.from_pretrained(str(folder / TOKENIZER))
+        tokenizer, text_encoder, unet = build_models(cfg, tokenizer)
+        trained = [unet] + ([text_encoder] if cfg.text.train else [])
+        for i, module in enumerate(trained):
+            module.load_state_dict(read_model_weights(folder, i))
+        if (ema := read_ema(folder)) is not None:
+            with torch.no_grad():
+                for name, p in named_trained_params(trained).items():
+                    p.copy_(ema[name])
+    return save_pipeline(make_pipeline(cfg, unet, text_encoder, tokenizer), out, overwrite=overwrite, keep=(folder,))

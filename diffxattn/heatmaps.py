@@ -4,7 +4,8 @@
 
 writes image.png, prompt.txt, seed.txt, one overlay PNG per word, grid.png, maps.safetensors
 (per-token maps, per step bin and per layer), maps.json (tokens, words, word -> token indices, layers,
-steps, resolutions) and index.html.
+steps, resolutions) and index.html. Every file is written atomically. Exporting into a folder used before
+removes the previous export's word PNGs that this one does not write (maps.json lists them), and nothing else.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from . import atomic, limits
+from .errors import short_repr
 from .control.store import AttentionStore, word_keys
 from .prompts import clean_text
 from .viewer import write_viewer
+
+_WORD_FILE = re.compile(r"word-\d{2,}-[A-Za-z0-9_-]+\.png")  # what safe_filename makes
 
 # Google's "turbo" colormap, polynomial approximation (Mikhailov 2019): x in [0, 1] -> RGB in [0, 1].
 _TURBO = np.array([
@@ -56,14 +61,22 @@ def safe_filename(word: str, index: int) -> str:
     return f"word-{index:02d}-{text}.png"
 
 
+_LABEL = 18  # pixels above each grid cell for its word
+
+
+def grid_size(image_size: tuple[int, int], words: int, scale: int, columns: int = 5) -> tuple[int, int]:
+    """(width, height) of the grid of the image and `words` overlays."""
+    rows = (words + 1 + columns - 1) // columns
+    return columns * image_size[0] * scale, rows * (image_size[1] * scale + _LABEL)
+
+
 def grid(image: Image.Image, tiles: list[tuple[str, Image.Image]], scale: int = 8, columns: int = 5) -> Image.Image:
     """The image followed by one labelled overlay per word, in rows of `columns`."""
     cells = [("image", image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST))]
     cells += tiles
     w, h = cells[0][1].size
-    label = 18
-    rows = (len(cells) + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * w, rows * (h + label)), "white")
+    label = _LABEL
+    canvas = Image.new("RGB", grid_size(image.size, len(tiles), scale, columns), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (name, tile) in enumerate(cells):
         x, y = (i % columns) * w, (i // columns) * (h + label)
@@ -76,24 +89,30 @@ def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, promp
            index: int = 0, scale: int = 8) -> dict:
     """Write every heatmap artefact of image `index` into `out_dir`; returns the maps.json content."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     words = store.words(index, prompt)
+    if not words:
+        raise ValueError(f"the prompt {short_repr(prompt)} has no word inside the text encoder's window to map")
+    limits.whole(scale, "scale")
+    width, height = grid_size(image.size, len(words), scale)
+    limits.check(limits.PIXELS, width * height, f"scale {scale}: a heatmap grid of {width}x{height} pixels")
+    out.mkdir(parents=True, exist_ok=True)
+    previous = previous_word_files(out)
     keys = word_keys([w for w, _ in words])
     tokens = store.token_maps(index)  # (S, H, W)
     word_maps = {k: tokens[pos].mean(0) for k, (_, pos) in zip(keys, words)}
 
-    image.save(out / "image.png")
-    (out / "prompt.txt").write_text(prompt + "\n", encoding="utf-8")
+    atomic.save_image(image, out / "image.png")
+    atomic.write_text(out / "prompt.txt", prompt + "\n")
     if seed is not None:
-        (out / "seed.txt").write_text(f"{seed}\n")
+        atomic.write_text(out / "seed.txt", f"{seed}\n")
     tiles, files = [], []
     for i, (key, m) in enumerate(word_maps.items()):
         tile = overlay(image, m.numpy(), scale=scale)
         name = safe_filename(key, i)
-        tile.save(out / name)
+        atomic.save_image(tile, out / name)
         tiles.append((key, tile))
         files.append(name)
-    grid(image, tiles, scale).save(out / "grid.png")
+    atomic.save_image(grid(image, tiles, scale), out / "grid.png")
 
     tensors = {"tokens": tokens.contiguous()}
     steps = layers = None
@@ -102,7 +121,7 @@ def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, promp
         steps = sorted({s * store.step_bins // max(store.num_steps, 1) for s in store.steps_seen})
     if store.per_layer:
         layers, tensors["layers"] = store.layer_token_maps(index)
-    save_file(tensors, str(out / "maps.safetensors"))
+    atomic.write_file(out / "maps.safetensors", lambda tmp: save_file(tensors, str(tmp)))
 
     ids = store.pipe.tokenizer(clean_text(prompt)).input_ids
     meta = {
@@ -122,7 +141,9 @@ def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, promp
                  "steps": "(bins, S, H, W) per step bin" if steps else None,
                  "layers": "(L, S, H, W) per layer, summed over steps" if layers else None},
     }
-    (out / "maps.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+    atomic.write_text(out / "maps.json", json.dumps(meta, indent=2, ensure_ascii=False))
+    for name in previous - set(files):  # the previous prompt's words: stale once maps.json no longer lists them
+        (out / name).unlink(missing_ok=True)
 
     def per_word(maps: torch.Tensor) -> np.ndarray:  # (n, S, H, W) -> (n, words, h, w), at most 64 px
         m = torch.stack([maps[:, pos].mean(1) for _, pos in words], 1)
@@ -134,3 +155,13 @@ def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, promp
     write_viewer(out / "index.html", prompt=prompt, image=image, words=[w for w, _ in words], maps=step_maps,
                  steps=steps, layers=layers, layer_maps=per_word(tensors["layers"]) if layers else None)
     return meta
+
+
+def previous_word_files(out: Path) -> set[str]:
+    """Names of the word PNGs the previous export into `out` wrote (its maps.json lists them): only names
+    safe_filename makes, directly inside `out`, so a hand-edited maps.json cannot point at other files."""
+    try:
+        listed = json.loads((out / "maps.json").read_text(encoding="utf-8"))["word_files"].values()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {name for name in listed if isinstance(name, str) and _WORD_FILE.fullmatch(name)}

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from .atomic import save_image
 from .control import AttentionStore
 from .editing import edit, generate
 from .heatmaps import export
@@ -90,7 +91,7 @@ def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | No
     written = []
 
     images = pipe(GALLERY, generator=[_seed(seed) for _ in GALLERY]).images
-    labelled_grid(list(zip(GALLERY, images)), columns=6).save(out / "gallery.png")
+    save_image(labelled_grid(list(zip(GALLERY, images)), columns=6), out / "gallery.png")
     written.append(out / "gallery.png")
 
     with AttentionStore(pipe, per_layer=True) as store:
@@ -111,20 +112,20 @@ def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | No
         src, tgt = edit(pipe, source, target, seed=seed, **options)
         how = f"edit, features {options['feature_replace'][1]:g}" if options else "edit"
         cells += [(f"source: {source}", src), (f"{how}: {target}", tgt)]
-    labelled_grid(cells, columns=4).save(out / "edits.png")
+    save_image(labelled_grid(cells, columns=4), out / "edits.png")
     written.append(out / "edits.png")
 
     template, weights = REWEIGHT
     strip = [(f"{mode}: {template.format(w=w)}",
               generate(pipe, template.format(w=w), weight_mode=mode, generator=_seed(seed)).images[0])
              for mode in ("attention", "embedding") for w in weights]
-    labelled_grid(strip, columns=len(weights)).save(out / "reweight.png")
+    save_image(labelled_grid(strip, columns=len(weights)), out / "reweight.png")
     written.append(out / "reweight.png")
 
     if curve is not None and Path(curve).is_file():
         data = json.loads(Path(curve).read_text())  # [{"step":, "minutes":, "single":, "two":, "heldout":}, ...]
         series = {name: [(p["minutes"], p[name]) for p in data if p.get(name) is not None]
                   for name in ("single", "two", "heldout")}
-        line_chart(series, "all-correct accuracy vs training time", "training minutes").save(out / "accuracy.png")
+        save_image(line_chart(series, "all-correct accuracy vs training time", "training minutes"), out / "accuracy.png")
         written.append(out / "accuracy.png")
     return written

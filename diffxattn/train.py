@@ -29,13 +29,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import GradientAccumulationPlugin, broadcast_object_list, set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
+from . import atomic, errors, runlock
 from . import checkpoint as ckpt
 from .build import build_dataset, build_models, dataset_captions, make_pipeline
 from .config import ConfigError, ExperimentConfig, OptimConfig, load_config, to_dict
@@ -48,6 +49,22 @@ _NOISE, _DROPOUT = 1, 2  # stream ids of the keyed generators
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN/inf; training stops without saving."""
+
+
+class DataError(errors.UserError):
+    """The training data cannot be read or is too small; the message names the data."""
+
+
+@contextlib.contextmanager
+def data_errors():
+    """Whatever reading the user's data raises is the data's fault: ValueError/OSError already name the file or
+    setting; anything else (a dataset library's own error) becomes a DataError."""
+    try:
+        yield
+    except errors.USER_ERRORS:
+        raise
+    except Exception as e:
+        raise DataError(f"reading the training data failed: {type(e).__name__}: {e}") from e
 
 
 def keyed_generator(*key: int) -> torch.Generator:
@@ -127,7 +144,8 @@ def run_tokenizer(cfg: ExperimentConfig, accelerator: Accelerator, dataset, resu
     folder = Path(cfg.train.output_dir) / ckpt.TOKENIZER
     with accelerator.main_process_first():
         if resume is not None:
-            return CLIPTokenizer.from_pretrained(str(resume / ckpt.TOKENIZER))
+            with ckpt.reading(resume):
+                return CLIPTokenizer.from_pretrained(str(resume / ckpt.TOKENIZER))
         if accelerator.is_main_process:
             captions = dataset_captions(dataset, cfg.text.vocab_captions)
             return text_mod.build_tokenizer(captions, folder, cfg.text.max_length)
@@ -166,7 +184,7 @@ def set_cpu_threads(cfg: ExperimentConfig, accelerator: Accelerator) -> int | No
 def setup(cfg: ExperimentConfig, accelerator: Accelerator, resume: Path | None) -> Run:
     t, o, s = cfg.train, cfg.optim, cfg.scheduler
     set_seed(t.seed)
-    dataset = build_dataset(cfg.data)
+    dataset = load_dataset(cfg, accelerator.num_processes)
     tokenizer, text_encoder, unet = build_models(cfg, run_tokenizer(cfg, accelerator, dataset, resume))
     trained = [unet] + ([text_encoder] if cfg.text.train else [])
     params = list(ckpt.named_trained_params(trained).values())
@@ -184,6 +202,19 @@ def setup(cfg: ExperimentConfig, accelerator: Accelerator, resume: Path | None) 
                dataloader, sampler, noise_scheduler, ema, Path(t.output_dir))
 
 
+def load_dataset(cfg: ExperimentConfig, processes: int):
+    """The config's training data, holding at least one batch for every process (drop_last=True: with fewer
+    items an epoch has no batch, and the loop would wait for one forever)."""
+    with data_errors():
+        dataset = build_dataset(cfg.data)
+    need = cfg.train.batch_size * processes
+    if len(dataset) < need:
+        per = f" x {processes} processes = {need}" if processes > 1 else ""
+        raise DataError(f"the training data ({cfg.data.kind}) has {len(dataset)} items, fewer than one batch "
+                        f"(train.batch_size={cfg.train.batch_size}{per}); lower train.batch_size or add data")
+    return dataset
+
+
 def _collate(items: list[dict]) -> dict:
     # only what the loss reads: the shapes scenes' masks etc. stay out of the device transfer
     return {"pixel_values": torch.stack([i["pixel_values"] for i in items]),
@@ -196,10 +227,13 @@ def batch_stream(run: Run):
         run.dataloader.set_epoch(run.epoch)
         run.sampler.set_epoch(run.epoch)
         skip = run.batch_in_epoch
-        for batch in run.accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader:
-            run.batch_in_epoch += 1
-            run.batches_seen += 1
-            yield batch
+        with data_errors():
+            for batch in run.accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader:
+                run.batch_in_epoch += 1
+                run.batches_seen += 1
+                yield batch
+        if skip == 0 and run.batch_in_epoch == 0:  # load_dataset rules this out; never loop without data
+            raise DataError(f"an epoch of the training data gave no batch of {run.cfg.train.batch_size}")
         run.epoch, run.batch_in_epoch = run.epoch + 1, 0
 
 
@@ -284,9 +318,7 @@ def validate(run: Run) -> None:
         gens = [torch.Generator().manual_seed(log.validation_seed + k) for k in range(len(prompts))]
         with ema_weights(run):
             grid = labelled_grid(list(zip(prompts, _run_pipeline(run)(prompts, generator=gens).images)), len(prompts))
-        path = run.out / "validation" / f"step-{run.step}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        atomic.save_image(grid, run.out / "validation" / f"step-{run.step}.png")
         if log.tensorboard:
             writer = run.accelerator.get_tracker("tensorboard", unwrap=True)
             writer.add_image("validation", np.asarray(grid), run.step, dataformats="HWC")
@@ -312,6 +344,11 @@ def save(run: Run) -> Path:
 
 def load(run: Run, folder: Path) -> None:
     """Restore a checkpoint: accelerate's states (weights_only loads), then position and EMA."""
+    with ckpt.reading(folder):
+        _load(run, folder)
+
+
+def _load(run: Run, folder: Path) -> None:
     run.accelerator.load_state(str(folder))
     state = ckpt.read_state(folder)
     run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -325,27 +362,79 @@ def load(run: Run, folder: Path) -> None:
 
 
 def export_pipeline(run: Run, out: Path) -> None:
-    """Save the pipeline with EMA weights to `out` (replaced only once the new one is complete)."""
+    """Save the pipeline with EMA weights to `out`, the run's own folder (replaced once the new one is complete)."""
     if run.accelerator.is_main_process:
         with ema_weights(run):
-            ckpt.save_pipeline(_run_pipeline(run), out)
+            ckpt.save_pipeline(_run_pipeline(run), out, overwrite=True)
     run.accelerator.wait_for_everyone()
 
 
 def train(cfg: ExperimentConfig, resume: str | None = None) -> int:
-    t, out = cfg.train, Path(cfg.train.output_dir)
-    root = out / "checkpoints"
     acc = make_accelerator(cfg)
-    if acc.is_main_process:  # clean up after killed saves before anyone picks a checkpoint
+    lock = lock_output(acc, Path(cfg.train.output_dir))
+    try:
+        return run_training(cfg, acc, resume)
+    finally:
+        if lock is not None:
+            runlock.release(lock)
+
+
+def lock_output(acc: Accelerator, out: Path) -> Path | None:
+    """The main process takes output_dir/run.lock before anything reads or cleans the folder; if another run
+    holds it, every process stops with its message. Returns the lock (main process) or None."""
+    lock = refusal = None
+    if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale(root)
+        try:
+            lock = runlock.acquire(out)
+        except runlock.RunLockedError as e:
+            refusal = str(e)
+    if acc.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal:
+        raise runlock.RunLockedError(refusal)
+    return lock
+
+
+def resume_folder(cfg: ExperimentConfig, resume: str | None) -> Path | None:
+    """The checkpoint to start from (None: a new run). Refuses what would mix two runs in one folder, write over
+    a checkpoint-N folder that is not a finished save, or replace an output_dir/pipeline the project did not write."""
+    t = cfg.train
+    root = Path(t.output_dir) / "checkpoints"
+    partial = ", ".join(p.name for _, p in ckpt.incomplete_checkpoints(root))
+    if resume is None:
+        if ckpt.complete_checkpoints(root):
+            raise ConfigError(f"{root} already has checkpoints; pass --resume latest to continue, "
+                              "or choose another train.output_dir")
+        folder = None
+    elif resume == "latest":
+        folder = ckpt.latest_checkpoint(root)
+        if folder is None:
+            found = f" ({partial}: no {ckpt.MARKER} marker)" if partial else ""
+            raise ConfigError(f"--resume latest: {root} has no complete checkpoint{found}; leave out --resume to "
+                              "start a new run")
+    else:
+        folder = Path(resume)
+        if not ckpt.is_complete(folder):
+            raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {ckpt.MARKER} marker)")
+    # the run replaces its own pipeline folder at the end: anything else there is refused now, not hours later
+    ckpt.check_replaceable(Path(t.output_dir) / "pipeline")
+    with ckpt.reading(folder):
+        start = ckpt.read_state(folder)["step"] if folder else 0
+    stop = min(t.max_steps, t.stop_at_step or t.max_steps)
+    for step, path in ckpt.incomplete_checkpoints(root):
+        if start < step <= stop and (step % t.checkpoint_every == 0 or step == stop):
+            raise ConfigError(f"{path} is not a finished checkpoint (no {ckpt.MARKER} marker) and this run would "
+                              f"save step {step} in its place; move it out of {root}")
+    return folder
+
+
+def run_training(cfg: ExperimentConfig, acc: Accelerator, resume: str | None) -> int:
+    t, out = cfg.train, Path(cfg.train.output_dir)
+    if acc.is_main_process:  # clean up after killed saves before anyone picks a checkpoint
+        ckpt.remove_stale(out / "checkpoints")
     acc.wait_for_everyone()
-    if resume is None and ckpt.complete_checkpoints(root):
-        raise ConfigError(f"{root} already has checkpoints; pass --resume latest to continue, "
-                          "or choose another train.output_dir")
-    folder = (ckpt.latest_checkpoint(root) if resume == "latest" else Path(resume)) if resume else None
-    if resume and resume != "latest" and not ckpt.is_complete(folder):
-        raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {ckpt.MARKER} marker)")
+    folder = resume_folder(cfg, resume)
     threads = set_cpu_threads(cfg, acc)
     run = setup(cfg, acc, folder)
     if folder is not None:
@@ -407,12 +496,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args[-1] = f"{args[-1][2:]}={a}"  # the value of `--section.key value`
         else:
             args.append(a[2:] if a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a else a)
-    p = argparse.ArgumentParser(prog="accelerate launch -m diffxattn.train",
-                                description=__doc__.split("\n")[0])
+    p = errors.OneLineParser(prog="diffxattn.train", description=__doc__.split("\n")[0])
     if args[:1] == ["export"]:
         p.add_argument("command", choices=["export"])
         p.add_argument("checkpoint", help="a checkpoint-N folder")
         p.add_argument("-o", "--out", required=True, help="pipeline folder to write")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace OUT even if it holds other files than a pipeline diffxattn wrote")
     else:
         p.add_argument("config", help="YAML experiment file")
         p.add_argument("overrides", nargs="*", help="section.key=value")
@@ -422,17 +512,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit code 0; 2 with one line for a user error (config, data, checkpoint, disk); 1 for a NaN loss."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        if getattr(args, "command", None) == "export":
-            print(f"pipeline saved to {ckpt.export_checkpoint(args.checkpoint, args.out)}")
-            return 0
-        return train(load_config(args.config, args.overrides), args.resume)
-    except (ConfigError, NonFiniteLoss) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+    return errors.run("diffxattn.train", lambda: command(args), args.debug, failures=(NonFiniteLoss,))
+
+
+def command(args: argparse.Namespace) -> int:
+    if getattr(args, "command", None) == "export":
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()  # a one-shot command: its result is one line
+        transformers_logging.disable_progress_bar()
+        print(f"pipeline saved to {ckpt.export_checkpoint(args.checkpoint, args.out, args.overwrite)}")
+        return 0
+    return train(load_config(args.config, args.overrides), args.resume)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .atomic import write_text
+
 MAX_MAP_SIDE = 64
 CSP = (
     "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
@@ -79,10 +81,7 @@ def write_viewer(
     }
     # One pass, so text from a field (the title, the prompt) is never scanned for placeholders.
     page = re.sub(r"__([A-Z]+)__", lambda m: fields[m.group(1)], _PAGE)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return write_text(Path(path), page)
 
 
 def _check_maps(maps: np.ndarray, name: str, n_words: int) -> np.ndarray:
