@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Callable
 
+import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTokenizer
 
+from . import limits
 from .config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TextConfig
 from .models import XAttnUNet
 from .models import text as text_mod
@@ -49,14 +52,31 @@ def build_text(cfg: TextConfig, tokenizer: CLIPTokenizer | None = None, captions
         if tokenizer is None:
             workdir = Path(workdir or tempfile.mkdtemp(prefix="diffxattn-tokenizer-"))
             tokenizer = text_mod.build_tokenizer(list(captions), workdir, max_length=cfg.max_length)
-        encoder = text_mod.build_text_encoder(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads)
+        encoder = sized(lambda: text_mod.build_text_encoder(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads),
+                        "the config's text encoder")
     if not cfg.train:
         encoder.requires_grad_(False).eval()
     return tokenizer, encoder
 
 
+def sized(build: Callable[[], torch.nn.Module], what: str) -> torch.nn.Module:
+    """`build()`, after building it once on the meta device (no memory) to check its parameter count against
+    the limit. The constructor's errors are the config values' fault: a ConfigError naming `what`."""
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in build().parameters())
+    except Exception as e:
+        raise ConfigError(f"{what} cannot be built from the config: {type(e).__name__}: {e}") from e
+    limits.check(limits.PARAMS, n, f"the parameter count of {what}")
+    return build()
+
+
 def build_unet(cfg: ModelConfig, cross_attention_dim: int, in_channels: int = 3):
     """XAttnUNet from the model config, or a diffusers UNet2DConditionModel of the same shape (for comparisons)."""
+    return sized(lambda: _build_unet(cfg, cross_attention_dim, in_channels), "the config's UNet")
+
+
+def _build_unet(cfg: ModelConfig, cross_attention_dim: int, in_channels: int = 3):
     if cfg.kind == "xattn":
         return XAttnUNet(
             sample_size=cfg.sample_size, in_channels=in_channels, out_channels=in_channels,

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from pathlib import Path
 
+from . import limits
+from .errors import OneLineParser, arg_type, run
+
 DEFAULT_PIPELINE = "pipelines/shapes-32"
+MAX_SEED = 2**63 - 1
 
 
 def default_pipeline() -> str:
@@ -42,7 +47,10 @@ def load_pipeline(path: str | None, scheduler: str | None = None, strict: bool =
     # weights may be stored in fp16 (the shipped pipeline is); CPUs compute in fp32
     pipe = DiffXAttnPipeline.from_pretrained(path, dtype=torch.float32 if device == "cpu" else None)
     if scheduler:
-        pipe.scheduler = make_scheduler(scheduler, config=pipe.scheduler.config)
+        try:
+            pipe.scheduler = make_scheduler(scheduler, config=pipe.scheduler.config)
+        except NotImplementedError as e:  # diffusers: this scheduler lacks the folder's beta_schedule
+            raise ValueError(f"--scheduler {scheduler}: {e}") from None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.strict = strict
@@ -63,18 +71,36 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(n)]
 
 
+def check_scale(width: int, height: int, scale: int) -> None:
+    """The saved PNG (the image enlarged `scale` times) within the pixel limit, before anything is sampled."""
+    limits.check(limits.PIXELS, width * scale * height * scale, f"--scale {scale}: a PNG of {width * scale}x"
+                 f"{height * scale} pixels")
+
+
 def save_image(image, path: Path, scale: int = 1) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the PNG atomically: a failed write (a full disk) leaves an existing file as it was."""
+    from .atomic import save_image as write
+
+    check_scale(image.width, image.height, scale)
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), resample=0)
-    image.save(path)
+    write(image, path)
     print(path)
+
+
+def image_size(pipe, args) -> tuple[int, int]:
+    """(height, width) the pipeline will sample: the arguments, or the UNet's sample size."""
+    size = pipe.unet.config.sample_size
+    return args.height or size, args.width or size
 
 
 def cmd_generate(args) -> None:
     from .editing import generate
 
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
+    height, width = image_size(pipe, args)
+    limits.check_images(args.n, height, width)  # before one generator per image is made
+    check_scale(width, height, args.scale)
     images = generate(pipe, args.prompt, weight_mode=args.weight_mode, negative_prompt=args.negative,
                       num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.n,
                       generator=generators(args.seed, args.n), height=args.height, width=args.width).images
@@ -96,6 +122,8 @@ def cmd_edit(args) -> None:
     from .heatmaps import export
 
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
+    size = pipe.unet.config.sample_size
+    check_scale(2 * size, size, args.scale)  # the source and the edit side by side
     cross = {"default": replace_range(args.cross_replace)}
     for item in args.cross_replace_word or []:
         word, _, value = item.partition("=")
@@ -136,7 +164,9 @@ def step_range(text: str) -> tuple:
 def cmd_heatmap(args) -> None:
     from .control import AttentionStore
     from .heatmaps import export
+    from .prompts import clean_text
 
+    clean_text(args.prompt)  # the export reads the words with the weight syntax: a syntax error comes first
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
     with AttentionStore(pipe, resolutions=args.resolutions, layers=args.layers, blocks=args.blocks,
                         steps=step_range(args.steps), per_layer=True) as store:
@@ -165,11 +195,14 @@ def cmd_samples(args) -> None:
 
 def cmd_build(args) -> None:
     from .build import build_pipeline
+    from .checkpoint import check_replaceable, save_pipeline
     from .config import load_config, overrides_from_argv
 
     cfg = load_config(args.config, overrides_from_argv(args.overrides))
+    if not args.overwrite:  # before the build
+        check_replaceable(Path(args.out))
     pipe = build_pipeline(cfg)
-    pipe.save_pretrained(args.out)
+    save_pipeline(pipe, args.out, overwrite=args.overwrite)
     n = sum(p.numel() for p in pipe.unet.parameters())
     print(f"saved an untrained pipeline ({n / 1e6:.2f}M UNet parameters) to {args.out}")
 
@@ -177,6 +210,7 @@ def cmd_build(args) -> None:
 def cmd_eval(args) -> None:
     import json
 
+    from .atomic import write_text
     from .eval.run import evaluate, format_report
 
     pipe = load_pipeline(args.pipeline)
@@ -185,29 +219,70 @@ def cmd_eval(args) -> None:
                       heatmaps=not args.no_heatmaps, edits=not args.no_edits, edit_prompts=args.edit_prompts,
                       pipeline=args.pipeline or default_pipeline(), progress=sys.stderr.isatty())
     print(format_report(report))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_text(args.out, json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 
 
+# argument types: bad values are refused while parsing, with argparse's one-line error naming the option
+def _parse(text: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"expected a {'whole number' if kind is int else 'number'}, got {text!r}") from None
+
+
+def count(text: str) -> int:
+    """A whole number >= 1 (-n, --scale, --height, ...)."""
+    value = _parse(text, int)
+    if value < 1:
+        raise ValueError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
+def steps(text: str) -> int:
+    return limits.steps(_parse(text, int), "steps")
+
+
+def guidance(text: str) -> float:
+    return limits.guidance(_parse(text, float), "guidance")
+
+
+def seed(text: str) -> int:
+    value = _parse(text, int)
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"expected a seed from 0 to 2**63 - 1, got {text}")
+    return value
+
+
+def rate(text: str) -> float:
+    value = _parse(text, float)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+COUNT, STEPS, GUIDANCE, SEED, RATE = (arg_type(f) for f in (count, steps, guidance, seed, rate))
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffxattn", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="diffxattn", description=__doc__.split("\n")[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images from a prompt")
     g.add_argument("prompt")
     g.add_argument("--pipeline", help=f"pipeline folder (default: {DEFAULT_PIPELINE})")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+    g.add_argument("--seed", type=SEED, default=0)
+    g.add_argument("--steps", type=STEPS, help="denoising steps (default: the pipeline's)")
+    g.add_argument("--guidance", type=GUIDANCE,
+                   help="classifier-free guidance scale, 1 to 100; 1 = none (default: the pipeline's)")
     g.add_argument("--scheduler", help="ddpm, ddim, dpm-solver++, euler, euler-ancestral, heun, unipc")
     g.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
     g.add_argument("--negative", help="negative prompt")
-    g.add_argument("-n", type=int, default=1, help="number of images (seeds seed, seed+1, ...)")
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--scale", type=int, default=1, help="enlarge the saved PNG by this factor (nearest)")
+    g.add_argument("-n", type=COUNT, default=1, help="number of images (seeds seed, seed+1, ...)")
+    g.add_argument("--height", type=COUNT)
+    g.add_argument("--width", type=COUNT)
+    g.add_argument("--scale", type=COUNT, default=1, help="enlarge the saved PNG by this factor (nearest)")
     g.add_argument("--weight-mode", default="attention", choices=("attention", "embedding", "embedding-a1111"),
                    help="how (word:1.5) / word++ weights act: on cross-attention or on token embeddings")
     g.add_argument("-o", "--out", default="out.png")
@@ -217,9 +292,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("source")
     e.add_argument("--to", required=True, help="the edited prompt (weights like (red:1.5) reweight shared words)")
     e.add_argument("--pipeline", help=f"pipeline folder (default: {DEFAULT_PIPELINE})")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--steps", type=int)
-    e.add_argument("--guidance", type=float)
+    e.add_argument("--seed", type=SEED, default=0)
+    e.add_argument("--steps", type=STEPS)
+    e.add_argument("--guidance", type=GUIDANCE)
     e.add_argument("--scheduler")
     e.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
     e.add_argument("--cross-replace", default="0.8", help="fraction of steps (0.8) or step range A:B")
@@ -235,23 +310,23 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--blend-threshold", type=float, default=0.3,
                    help="local blend mask: where the words' min-max scaled maps exceed this (0..1)")
     e.add_argument("--heatmaps", metavar="DIR", help="also export both heatmap sets into DIR/source, DIR/edited")
-    e.add_argument("--scale", type=int, default=1)
+    e.add_argument("--scale", type=COUNT, default=1)
     e.add_argument("-o", "--out", default="edit.png")
     e.set_defaults(func=cmd_edit)
 
     h = sub.add_parser("heatmap", help="per-word cross-attention heatmaps: PNGs, raw maps, an HTML viewer")
     h.add_argument("prompt")
     h.add_argument("--pipeline", help=f"pipeline folder (default: {DEFAULT_PIPELINE})")
-    h.add_argument("--seed", type=int, default=0)
-    h.add_argument("--num-steps", type=int, help="denoising steps (default: the pipeline's)")
-    h.add_argument("--guidance", type=float)
+    h.add_argument("--seed", type=SEED, default=0)
+    h.add_argument("--num-steps", type=STEPS, help="denoising steps (default: the pipeline's)")
+    h.add_argument("--guidance", type=GUIDANCE)
     h.add_argument("--scheduler")
     h.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
     h.add_argument("--steps", default="0:1.0", help="step range to aggregate, START:END (indices or fractions)")
     h.add_argument("--resolutions", type=int, nargs="+", help="map resolutions to use, e.g. 16 8 (default: all)")
     h.add_argument("--layers", nargs="+", help="keep layers whose name contains one of these, e.g. up_blocks")
     h.add_argument("--blocks", nargs="+", choices=("down", "mid", "up"))
-    h.add_argument("--scale", type=int, default=8, help="enlargement of the overlay PNGs")
+    h.add_argument("--scale", type=COUNT, default=8, help="enlargement of the overlay PNGs")
     h.add_argument("-o", "--out", required=True)
     h.set_defaults(func=cmd_heatmap)
 
@@ -259,27 +334,27 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("pipeline", nargs="?", help=f"pipeline folder (default: {DEFAULT_PIPELINE})")
     v.add_argument("-o", "--out", default="report.json", help="where to write the JSON report")
     v.add_argument("--quick", action="store_true", help="a handful of prompts per set, 1 seed, few steps")
-    v.add_argument("--seeds", type=int, help="images per prompt (default 4; quick 1)")
-    v.add_argument("--guidance", type=float, nargs="+",
+    v.add_argument("--seeds", type=COUNT, help="images per prompt (default 4; quick 1)")
+    v.add_argument("--guidance", type=GUIDANCE, nargs="+",
                    help="guidance scales of the curve (default 1 2 3 5; quick 1 3)")
-    v.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's; quick at most 10)")
+    v.add_argument("--steps", type=STEPS, help="denoising steps (default: the pipeline's; quick at most 10)")
     v.add_argument("--sets", default="single,two,heldout", help="comma-separated prompt sets")
     v.add_argument("--no-heatmaps", action="store_true", help="skip heatmap IoU")
     v.add_argument("--no-edits", action="store_true", help="skip the edit metrics")
-    v.add_argument("--edit-prompts", type=int, help="single-object prompts edited (the set's first N; default 8, quick 2)")
+    v.add_argument("--edit-prompts", type=COUNT, help="single-object prompts edited (the set's first N; default 8, quick 2)")
     v.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("train-clip", help="pre-train a CLIP text encoder contrastively on the config's data")
     c.add_argument("config")
     c.add_argument("-o", "--out", required=True)
-    c.add_argument("--steps", type=int, default=3000)
-    c.add_argument("--batch-size", type=int, default=256)
-    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--steps", type=COUNT, default=3000)
+    c.add_argument("--batch-size", type=COUNT, default=256)
+    c.add_argument("--lr", type=RATE, default=1e-3)
     c.set_defaults(func=cmd_train_clip)
 
     sm = sub.add_parser("samples", help="regenerate the sample images (gallery, heatmaps, edits, reweighting)")
     sm.add_argument("--pipeline", help=f"pipeline folder (default: {DEFAULT_PIPELINE})")
-    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--seed", type=SEED, default=0)
     sm.add_argument("--curve", help="accuracy-vs-training-time JSON (from the run's checkpoints) to plot")
     sm.add_argument("--no-screenshot", action="store_true", help="skip the headless-Chromium viewer screenshot")
     sm.add_argument("-o", "--out", default="samples")
@@ -288,24 +363,21 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build and save an untrained pipeline from a YAML config")
     b.add_argument("config")
     b.add_argument("-o", "--out", required=True)
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace OUT even if it holds other files than a pipeline diffxattn wrote")
     b.epilog = "Any config field can be overridden: --text.hidden_size 64 or text.hidden_size=64"
     b.set_defaults(func=cmd_build)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extra = parser().parse_known_args(argv)
+    """Exit code 0, or 2 with one line on stderr for bad input (`errors.run`; --debug: the traceback)."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
     if extra and args.command not in ("build", "train-clip"):
-        parser().error(f"unrecognized arguments: {' '.join(extra)}")
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, OSError, KeyError) as e:
-        if args.debug:
-            raise
-        print(f"diffxattn {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run(f"diffxattn {args.command}", lambda: args.func(args), args.debug)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Override any field from the command line: `--train.lr 3e-4` style, as `section.f
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -21,6 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from . import limits
+from .errors import short_repr
+
+MAX_YAML_VALUES = 100_000  # a config expands to at most this many values, counting an alias each time it is used
 
 
 class _Loader(yaml.SafeLoader):
@@ -34,12 +40,40 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
                               list("tTfF"))
 
 
-def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
-
-
 class ConfigError(ValueError):
     """A config key, type or value is not allowed; the message names it and what is allowed."""
+
+
+def _yaml(text: str):
+    """Parse YAML, refusing documents whose aliases expand to more than MAX_YAML_VALUES values (a 433-byte
+    "billion laughs" file) or refer to themselves, before anything is built from them."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict, open_: set) -> int:
+    """How many values `node` stands for once every alias is expanded (memoised: linear in the file)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise ConfigError(f"YAML alias at line {node.start_mark.line + 1} refers to itself")
+    open_.add(id(node))
+    children = node.value if isinstance(node, yaml.SequenceNode) else \
+        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+    size = 1 + sum(_expanded_size(child, sizes, open_) for child in children)
+    open_.discard(id(node))
+    if size > MAX_YAML_VALUES:
+        raise ConfigError(f"YAML at line {node.start_mark.line + 1} expands to more than {MAX_YAML_VALUES:,} "
+                          "values (aliases repeated inside aliases); write the values out")
+    sizes[id(node)] = size
+    return size
 
 
 @dataclass
@@ -154,12 +188,19 @@ CHOICES = {
     ("data", "kind"): ("shapes", "imagefolder"),
     ("optim", "lr_schedule"): ("cosine", "constant"),
     ("train", "mixed_precision"): (None, "no", "bf16", "fp16"),
+    # the schedules every sampler of schedulers.py implements
+    ("scheduler", "beta_schedule"): ("linear", "scaled_linear", "squaredcos_cap_v2"),
 }
 POSITIVE = {("train", "batch_size"), ("train", "max_steps"), ("train", "gradient_accumulation_steps"),
             ("train", "checkpoint_every"), ("logging", "log_every"), ("logging", "validate_every"),
             ("scheduler", "steps"), ("model", "sample_size"), ("data", "size"), ("optim", "lr"),
-            ("train", "cpu_threads")}  # None (where allowed) is not checked
+            ("train", "cpu_threads"), ("model", "num_heads"), ("model", "ff_mult"), ("text", "hidden_size"),
+            ("text", "num_layers"), ("text", "num_heads"), ("text", "max_length"), ("text", "vocab_captions"),
+            ("scheduler", "num_train_timesteps"),
+            ("train", "checkpoints_total_limit")}  # None (where allowed) is not checked
 UNIT_INTERVAL = {("train", "caption_dropout"), ("train", "ema_decay"), ("data", "two_object_prob")}
+# fixed bounds where a bigger value only makes a run take hours or start thousands of processes/threads
+AT_MOST = {("text", "vocab_captions"): 200_000, ("data", "num_workers"): 256, ("train", "cpu_threads"): 4096}
 
 
 def _coerce(value, tp, where: str):
@@ -177,23 +218,25 @@ def _coerce(value, tp, where: str):
         raise errors[0]
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {short_repr(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {short_repr(value)}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 2**1023 else math.inf
     if tp is bool and not isinstance(value, bool) or tp is int and isinstance(value, bool) \
             or not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {short_repr(value)} ({type(value).__name__})")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     return value
 
 
 def _build(cls, data: dict, where: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {short_repr(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -210,7 +253,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
-            raise ConfigError(f"{section}.{key}={value!r} is not allowed; choose one of {allowed}")
+            raise ConfigError(f"{section}.{key}={short_repr(value)} is not allowed; choose one of {allowed}")
     for section, key in POSITIVE:
         value = getattr(getattr(cfg, section), key)
         if value is not None and value <= 0:
@@ -222,8 +265,39 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     from .schedulers import SCHEDULERS
 
     if cfg.scheduler.sampler not in SCHEDULERS:
-        raise ConfigError(f"scheduler.sampler={cfg.scheduler.sampler!r} is not allowed; choose one of {tuple(SCHEDULERS)}")
+        raise ConfigError(f"scheduler.sampler={short_repr(cfg.scheduler.sampler)} is not allowed; choose one of "
+                          f"{tuple(SCHEDULERS)}")
+    for (section, key), most in AT_MOST.items():
+        value = getattr(getattr(cfg, section), key)
+        if value is not None and value > most:
+            raise ConfigError(f"{section}.{key}={value} must be at most {most:,}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    if cfg.text.max_length < 2:
+        raise ConfigError(f"text.max_length={cfg.text.max_length} must be >= 2 (the start and end tokens)")
+    if not cfg.logging.validation_prompts:
+        raise ConfigError("logging.validation_prompts is empty; give at least one prompt")
+    try:
+        _check_limits(cfg)
+    except limits.LimitError as e:
+        raise ConfigError(str(e)) from None
     return cfg
+
+
+def _check_limits(cfg: ExperimentConfig) -> None:
+    """Sizes the run will allocate, against `limits` (before any of it is built)."""
+    s, size, sample = cfg.scheduler, cfg.data.size, cfg.model.sample_size
+    limits.steps(s.steps, "scheduler.steps")
+    limits.guidance(s.guidance_scale, "scheduler.guidance_scale")
+    limits.check(limits.TRAIN_TIMESTEPS, s.num_train_timesteps, "scheduler.num_train_timesteps")
+    limits.check(limits.IMAGE_PIXELS, size * size, f"data.size={size}: an image of {size}x{size} pixels")
+    limits.check(limits.IMAGE_PIXELS, sample * sample, f"model.sample_size={sample}: an image of {sample}x{sample} pixels")
+    t = cfg.train  # an optimizer step's batch: batch_size x gradient_accumulation_steps images
+    limits.check(limits.PIXELS, t.batch_size * t.gradient_accumulation_steps * size * size,
+                 f"train.batch_size={t.batch_size} x train.gradient_accumulation_steps="
+                 f"{t.gradient_accumulation_steps} images of {size}x{size} pixels")
+    prompts = len(cfg.logging.validation_prompts)
+    limits.check(limits.PIXELS, prompts * sample * sample, f"{prompts} validation prompts of {sample}x{sample} pixels")
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -231,7 +305,11 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    value = _yaml(raw) if raw.strip() else None
+    try:
+        value = _yaml(raw) if raw.strip() else None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"override {short_repr(text)}: the value is not valid YAML "
+                          f"({' '.join(str(e).split())})") from None
     if isinstance(value, str):  # YAML reads 3e-4 as a string; numbers the way users write them
         try:
             value = float(value)
@@ -248,9 +326,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            data = _yaml(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+            data = _yaml(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must contain a mapping of sections")
     for text in overrides:

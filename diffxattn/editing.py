@@ -20,7 +20,9 @@ WEIGHT_MODES = ("attention", "embedding", "embedding-a1111")
 
 
 def _steps(pipe, steps: int | None) -> int:
-    return steps or getattr(pipe.config, "default_steps", 50)  # 50: Stable Diffusion pipelines' default
+    if steps is not None:  # 0 is an error for the pipeline to name, not "the default"
+        return steps
+    return getattr(pipe.config, "default_steps", 50)  # 50: Stable Diffusion pipelines' default
 
 
 def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps: tuple = (0, 1.0),

@@ -8,7 +8,10 @@ from the folder (no `trust_remote_code`).
 
 from __future__ import annotations
 
+import copy
 import inspect
+import json
+import math
 import re
 from pathlib import Path
 from typing import Callable
@@ -20,11 +23,24 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors import safe_open
 
+from . import limits
+from .errors import UserError, short_repr
 from .models import text as text_mod
 
+CONFIG_FILES = ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "text_encoder/config.json",
+                "tokenizer/tokenizer_config.json")
 
-class PipelineLoadError(ValueError):
+
+class PipelineLoadError(UserError):
     """A pipeline folder is incomplete or holds a damaged / mismatched file; the message names the file."""
+
+
+class SchedulerConfigError(UserError):
+    """A scheduler whose config numbers do not give a usable schedule for the requested steps."""
+
+
+class NonFiniteImageError(UserError):
+    """Sampling produced NaN/inf values: a weight, a config number or an input was out of range."""
 
 
 def diagnose(folder: Path, error: Exception) -> str:
@@ -41,7 +57,84 @@ def diagnose(folder: Path, error: Exception) -> str:
         bad = re.search(r"(\S+) expected shape (\S+ ?\S*), but got (\S+ ?\S*)\.", str(error))
         if bad and bad.group(1) in keys:
             return f"{f}: weight {bad.group(1)} has shape {bad.group(3)}, the model's config expects {bad.group(2)}"
-    return str(error)
+    return str(error) if isinstance(error, (OSError, ValueError)) else f"{type(error).__name__}: {error}"
+
+
+def check_config_files(folder: Path) -> None:
+    """The folder's JSON configs parse, hold only finite numbers, and describe a noise schedule within limits."""
+    for name in CONFIG_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue  # diffusers names what is missing
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+            bad = _non_finite(config)
+        except (ValueError, RecursionError) as e:
+            raise PipelineLoadError(f"{path} is not valid JSON ({type(e).__name__}: {e})") from None
+        if bad is not None:
+            raise PipelineLoadError(f"{path}: {bad} is not a finite number")
+        if name.startswith("scheduler/") and isinstance(config, dict):
+            try:
+                n = limits.whole(config.get("num_train_timesteps", 1000), "num_train_timesteps")
+                limits.check(limits.TRAIN_TIMESTEPS, n, "num_train_timesteps")
+            except limits.LimitError as e:
+                raise PipelineLoadError(f"{path}: {e}") from None
+
+
+def _non_finite(config) -> str | None:
+    """The key path of the first NaN/inf number in a parsed JSON value, or None (iterative: any depth)."""
+    todo = [("", config)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return where or "the value"
+        if isinstance(value, dict):
+            todo += [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            todo += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    return None
+
+
+def check_components(pipe: "DiffXAttnPipeline", folder: Path) -> None:
+    """Components that load on their own but cannot work together (a tokenizer longer than the text encoder's
+    window pads every prompt to its length; ids past the embedding table fail inside the encoder)."""
+    try:
+        limits.steps(pipe.config.default_steps, "default_steps")
+        limits.guidance(pipe.config.default_guidance_scale, "default_guidance_scale")
+    except limits.LimitError as e:
+        raise PipelineLoadError(f"{folder / 'model_index.json'}: {e}") from None
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder.config
+    length = tokenizer.model_max_length
+    if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= encoder.max_position_embeddings:
+        raise PipelineLoadError(f"{folder / 'tokenizer'}: model_max_length={short_repr(length)} must be from 2 to "
+                                f"the text encoder's max_position_embeddings ({encoder.max_position_embeddings})")
+    if len(tokenizer) > encoder.vocab_size:
+        raise PipelineLoadError(f"{folder / 'tokenizer'} has {len(tokenizer)} tokens, more than the text encoder's "
+                                f"vocab_size {encoder.vocab_size}")
+    cross = pipe.unet.config.get("cross_attention_dim")
+    if cross != encoder.hidden_size:
+        raise PipelineLoadError(f"{folder / 'unet'}: cross_attention_dim={short_repr(cross)} differs from the "
+                                f"text encoder's hidden_size {encoder.hidden_size}")
+
+
+def check_scheduler(scheduler, steps: int) -> None:
+    """Take every one of `steps` steps on a copy of the scheduler with a 1-pixel sample: a schedule whose numbers
+    do not work (NaN betas, an offset past the schedule, an unknown option) fails here with its config named,
+    instead of failing inside the sampling loop or giving a black image."""
+    s = copy.deepcopy(scheduler)
+    try:
+        with torch.random.fork_rng(devices=[]):  # stochastic steps must not move the caller's random state
+            s.set_timesteps(steps, device="cpu")
+            x = torch.ones(1, 1, 1, 1) * s.init_noise_sigma
+            for t in s.timesteps:
+                x = s.step(torch.ones_like(x), t, s.scale_model_input(x, t)).prev_sample
+        finite = bool(torch.isfinite(x).all())
+    except Exception as e:  # raised by diffusers from the scheduler's config numbers
+        raise SchedulerConfigError(f"the scheduler ({type(scheduler).__name__}) does not work with {steps} steps: "
+                                f"{type(e).__name__}: {e}") from e
+    if not finite:
+        raise SchedulerConfigError(f"the scheduler ({type(scheduler).__name__}) gives NaN/inf values with {steps} steps; "
+                                "check the numbers of its scheduler_config.json (betas, trained_betas)")
 
 
 class DiffXAttnPipeline(DiffusionPipeline):
@@ -65,13 +158,16 @@ class DiffXAttnPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loader, with errors about a local folder's files rewritten to name the file at fault."""
-        try:
+        folder = Path(str(pretrained_model_name_or_path))
+        if not folder.is_dir():
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except (OSError, ValueError) as e:
-            folder = Path(str(pretrained_model_name_or_path))
-            if not folder.is_dir():
-                raise
+        check_config_files(folder)  # before diffusers allocates what they describe
+        try:
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except Exception as e:  # the folder is user data: whatever its files make a loader raise is their fault
             raise PipelineLoadError(f"cannot load the pipeline in {folder}: {diagnose(folder, e)}") from e
+        check_components(pipe, folder)
+        return pipe
 
     # -- properties the attention tools read (same names as diffusers' StableDiffusionPipeline) --
     @property
@@ -92,7 +188,9 @@ class DiffXAttnPipeline(DiffusionPipeline):
         embeds = text_mod.encode(self.text_encoder, ids)
         return embeds.to(self.unet.dtype), mask.to(embeds.device)
 
-    def check_inputs(self, prompts: list[str], negative: list[str] | None, height: int, width: int, steps: int) -> None:
+    def check_inputs(self, prompts: list[str], negative: list[str] | None, height: int, width: int, steps: int,
+                     *, guidance_scale: float = 1.0, num_images: int = 1) -> None:
+        """Every input checked before anything is allocated: values in range, sizes within `limits`."""
         if not prompts:
             raise ValueError("prompt is an empty list; give at least one prompt (\"\" for an unconditional image)")
         if negative is not None and len(negative) != len(prompts):
@@ -100,10 +198,13 @@ class DiffXAttnPipeline(DiffusionPipeline):
                              "give one negative prompt, or one per prompt")
         f = self.downsample_factor
         for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % f:
-                raise ValueError(f"{name}={value} must be a positive multiple of the UNet's down-sampling factor {f}")
-        if steps < 1:
-            raise ValueError(f"num_inference_steps={steps} must be >= 1")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % f:
+                raise ValueError(f"{name}={value!r} must be a positive multiple of the UNet's down-sampling factor {f}")
+        limits.steps(steps)
+        limits.guidance(guidance_scale)
+        limits.whole(num_images, "number of images")
+        limits.check_images(num_images, height, width)
+        check_scheduler(self.scheduler, steps)
 
     @torch.no_grad()
     def __call__(
@@ -145,7 +246,8 @@ class DiffXAttnPipeline(DiffusionPipeline):
         else:
             prompts = [""] * prompt_embeds.shape[0]
         negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-        self.check_inputs(prompts, negative, height, width, steps)
+        self.check_inputs(prompts, negative, height, width, steps, guidance_scale=self._guidance_scale,
+                          num_images=len(prompts) * num_images_per_prompt)
         if isinstance(generator, list) and len(generator) != len(prompts) * num_images_per_prompt:
             raise ValueError(f"got {len(generator)} generators for {len(prompts) * num_images_per_prompt} images")
         device = self._execution_device
@@ -200,6 +302,9 @@ class DiffXAttnPipeline(DiffusionPipeline):
     @staticmethod
     def postprocess(x: torch.Tensor, output_type: str = "pil"):
         """Model space [-1, 1] (B, C, H, W) -> 'pt' (B, C, H, W) in [0, 1], 'np' (B, H, W, C) float, or PIL list."""
+        if not torch.isfinite(x).all():  # clamped, NaN would save as a black image with exit code 0
+            raise NonFiniteImageError("sampling produced NaN/inf values: a weight or config number of the pipeline "
+                                      "(e.g. the scheduler's betas), or an input, is out of range")
         x = (x.float() / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return x

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 MIN_WEIGHT = 0.0
 MAX_WEIGHT = 10.0
 MAX_NESTING = 100  # bounds recursion in the schedule parser; no real prompt nests this deep
+ERROR_CONTEXT = 60  # characters of the prompt an error shows on each side of the column
 PAREN_FACTOR = 1.1
 PLUS_FACTOR = 1.1
 MINUS_FACTOR = 0.9
@@ -41,9 +42,12 @@ class PromptSyntaxError(ValueError):
 
     def __init__(self, prompt: str, column: int, problem: str):
         self.prompt, self.column, self.problem = prompt, column, problem
-        shown = [ch if ch.isprintable() else repr(ch)[1:-1] for ch in prompt]
-        caret = sum(len(s) for s in shown[:column])  # escaped control chars widen the line
-        super().__init__(f"column {column}: {problem}\n{''.join(shown)}\n{' ' * caret}^")
+        # a window of the prompt around the column: a 1 MB prompt is not repeated in full
+        start, end = max(0, column - ERROR_CONTEXT), min(len(prompt), column + ERROR_CONTEXT)
+        lead, tail = "…" * (start > 0), "…" * (end < len(prompt))
+        shown = [ch if ch.isprintable() else repr(ch)[1:-1] for ch in prompt[start:end]]
+        caret = len(lead) + sum(len(s) for s in shown[:column - start])  # escaped control chars widen the line
+        super().__init__(f"column {column}: {problem}\n{lead}{''.join(shown)}{tail}\n{' ' * caret}^")
 
 
 def _check_nesting(prompt: str, column: int, depth: int) -> None:
@@ -190,16 +194,16 @@ def _word_suffix(prompt: str, i: int, top: _Group) -> int:
 
 
 def _merge_runs(prompt: str, chars: list[_Char]) -> list[Run]:
-    runs: list[Run] = []
+    runs: list[tuple[float, list[str]]] = []  # characters joined once at the end: linear in a 1 MB prompt
     for c in chars:
         # Rounding lets equal weights written differently ("((a))", "(a:1.21)") merge.
         weight = round(c.weight, 6)
         _check_range(prompt, c.column, weight)
-        if runs and runs[-1].weight == weight:
-            runs[-1] = Run(runs[-1].text + c.ch, weight)
+        if runs and runs[-1][0] == weight:
+            runs[-1][1].append(c.ch)
         else:
-            runs.append(Run(c.ch, weight))
-    return runs
+            runs.append((weight, [c.ch]))
+    return [Run("".join(text), weight) for weight, text in runs]
 
 
 def parse_weights(prompt: str) -> list[Run]:

@@ -122,11 +122,14 @@ class AttentionStore(ControllerContext):
     @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) of the generated image: the UNet input size times the VAE factor (1 in pixel space)."""
+        self._check_captured()
+        f = getattr(self.pipe, "vae_scale_factor", 1)
+        return self._latent[0] * f, self._latent[1] * f
+
+    def _check_captured(self) -> None:
         if not self.sums:
             raise ValueError("the store holds no attention maps: run the pipeline inside the `with` block, and "
                              f"check the selection (resolutions={self.resolutions}, steps={self.steps})")
-        f = getattr(self.pipe, "vae_scale_factor", 1)
-        return self._latent[0] * f, self._latent[1] * f
 
     def _upsample(self, maps: torch.Tensor, hw: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
         """(..., h*w, S) -> (..., S, H, W) bilinearly upsampled to the image size."""
@@ -181,9 +184,11 @@ class AttentionStore(ControllerContext):
     def words(self, index: int = 0, prompt: str | None = None) -> list[tuple[str, list[int]]]:
         """(word, token positions) for the prompt of image `index`; BOS/EOS/padding and truncated words excluded."""
         prompt = prompt if prompt is not None else self._prompt(index)
+        self._check_captured()
         max_pos = next(iter(self.sums.values())).shape[-1] - 1  # last position is EOS at the earliest
         pairs = prompt_syntax.word_token_map(prompt_syntax.clean_text(prompt), self.pipe.tokenizer)
-        return [(w, [p for p in pos if p < max_pos]) for w, pos in pairs if pos and pos[0] < max_pos]
+        # a word cut by the window is dropped whole, as the too-long-prompt warning says
+        return [(w, pos) for w, pos in pairs if pos and pos[-1] < max_pos]
 
     def _prompt(self, index: int) -> str:
         if not self.prompts:

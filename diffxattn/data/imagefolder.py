@@ -5,6 +5,8 @@
 
 Every line is checked when the dataset is built (JSON, keys, file exists inside root), so a
 typo fails in the first second of a run, not hours in; decoding is checked when an image is read.
+16-bit images (PNG's I;16, Pillow's I) are scaled from 0-65535 and float images (F) from 0-1 to 8 bits;
+values outside those ranges are an error naming the file.
 """
 
 from __future__ import annotations
@@ -106,12 +108,36 @@ def _parse_line(root: Path, meta: Path, number: int, line: str) -> tuple[Path, t
     return path, captions
 
 
+# Modes whose values convert("RGB") clips to 0-255 (a 16-bit PNG's mid-gray 32768 became white): full scale
+HIGH_DEPTH = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+class ImageRangeError(ValueError):
+    """A 16-bit or float image with values outside its mode's range."""
+
+
 def _load_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            return _to_rgb(image, path)
+    except ImageRangeError:
+        raise
+    except Exception as err:  # the file is user data: any failure of the decoder is the file's
         raise ValueError(f"{path}: cannot be decoded as an image ({type(err).__name__}: {err})") from None
+
+
+def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """8-bit RGB; 16-bit and float grayscale scaled from their full range (not clipped)."""
+    if image.mode not in HIGH_DEPTH:
+        return image.convert("RGB")
+    full = HIGH_DEPTH[image.mode]
+    values = np.asarray(image, dtype=np.float64)  # (H, W)
+    low, high = float(values.min()), float(values.max())
+    if not (np.isfinite(values).all() and low >= 0 and high <= full):
+        raise ImageRangeError(f"{path}: a mode {image.mode} image with values from {low:g} to {high:g}; expected "
+                              f"0 to {full:g}")
+    gray = np.round(values * (255 / full)).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")  # (H, W) uint8: mode L
 
 
 def _resize_shorter(image: Image.Image, size: int) -> Image.Image:

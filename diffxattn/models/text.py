@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..errors import shorten
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenizer pattern (lower-cased text): words, single digits, runs of other symbols.
 _WORD = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+", re.UNICODE)
@@ -149,7 +151,7 @@ def check_length(tokenizer: CLIPTokenizer, prompts: list[str], strict: bool = Fa
         lost = dropped_words(tokenizer, prompt)
         if lost:
             message = (f"prompt is longer than the text encoder's {tokenizer.model_max_length} tokens; "
-                       f"these words are dropped: {' '.join(lost)}")
+                       f"these words are dropped: {shorten(' '.join(lost), 200)}")
             if strict:
                 raise PromptTooLongError(message)
             warnings.warn(message, stacklevel=3)
