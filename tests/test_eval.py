@@ -249,8 +249,10 @@ def test_cli_eval_writes_the_report(tmp_path, tiny_pipe, capsys):
                  "--edit-prompts", "1", "-o", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["config"]["edit_prompts"] == 1 and report["edits"]["color_swap_features"]["n"] == 1
-    assert main(["eval", str(tmp_path / "pipe"), "--quick", "--edit-prompts", "0", "-o", str(out)]) == 2
-    assert "asked for n=0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse checks the count
+        main(["eval", str(tmp_path / "pipe"), "--quick", "--edit-prompts", "0", "-o", str(out)])
+    assert exit_.value.code == 2
+    assert "--edit-prompts: expected a whole number >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="no pipeline in pipelines/shapes-32")

@@ -75,7 +75,7 @@ def test_save_and_load_round_trip_bit_for_bit(tiny_pipe, tmp_path):
     (dict(prompt="a red circle", width=0), "width=0 must be a positive multiple"),
     (dict(prompt=[]), "prompt is an empty list"),
     (dict(prompt=["a", "b"], negative_prompt=["x"]), "negative_prompt has 1 entries but prompt has 2"),
-    (dict(prompt="a", num_inference_steps=0), "num_inference_steps=0 must be >= 1"),
+    (dict(prompt="a", num_inference_steps=0), "num_inference_steps=0 must be a whole number >= 1"),
     (dict(prompt="a", output_type="jpg"), "output_type='jpg'"),
 ])
 def test_bad_input_names_the_value(tiny_pipe, kwargs, message):
