@@ -82,29 +82,24 @@ def cmd_generate(args) -> None:
         save_image(image, path, args.scale)
 
 
-def replace_range(text: str) -> tuple:
-    """'0.8' -> (0, 0.8) (a fraction of the run); 'A:B' -> step_range."""
-    return step_range(text) if ":" in text else (0, float(text))
-
-
 def cmd_edit(args) -> None:
     from PIL import Image
 
-    from .control import AttentionStore
+    from .control import AttentionStore, StepRange
     from .control.edits import FEATURE_LAYERS
     from .editing import edit
     from .heatmaps import export
 
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
-    cross = {"default": replace_range(args.cross_replace)}
+    cross = {"default": StepRange.parse(args.cross_replace)}
     for item in args.cross_replace_word or []:
         word, _, value = item.partition("=")
         if not value:
             raise ValueError(f"--cross-replace-word {item!r}: expected WORD=FRACTION or WORD=A:B")
-        cross[word] = replace_range(value)
+        cross[word] = StepRange.parse(value)
     with AttentionStore(pipe) if args.heatmaps else contextlib.nullcontext() as store:
-        source, edited = edit(pipe, args.source, args.to, cross_replace=cross, self_replace=replace_range(args.self_replace),
-                              feature_replace=replace_range(args.feature_replace),
+        source, edited = edit(pipe, args.source, args.to, cross_replace=cross, self_replace=StepRange.parse(args.self_replace),
+                              feature_replace=StepRange.parse(args.feature_replace),
                               feature_layers=args.feature_layers or FEATURE_LAYERS,
                               local_blend=args.local_blend, blend_threshold=args.blend_threshold, seed=args.seed,
                               num_inference_steps=args.steps,
@@ -119,27 +114,13 @@ def cmd_edit(args) -> None:
         print(f"heatmaps: {args.heatmaps}/source, {args.heatmaps}/edited")
 
 
-def step_range(text: str) -> tuple:
-    """'A:B' -> (A, B): integers are step indices (B exclusive), decimals are fractions of the run."""
-    parts = text.split(":")
-    if len(parts) != 2:
-        raise ValueError(f"--steps {text!r}: expected START:END, e.g. 0:10 or 0.2:1.0")
-    try:
-        values = [float(p) if "." in p else int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"--steps {text!r}: START and END must be numbers") from None
-    if isinstance(values[0], float) or isinstance(values[1], float):
-        values = [float(v) for v in values]
-    return tuple(values)
-
-
 def cmd_heatmap(args) -> None:
-    from .control import AttentionStore
+    from .control import AttentionStore, StepRange
     from .heatmaps import export
 
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
     with AttentionStore(pipe, resolutions=args.resolutions, layers=args.layers, blocks=args.blocks,
-                        steps=step_range(args.steps), per_layer=True) as store:
+                        steps=StepRange.parse(args.steps), per_layer=True) as store:
         image = pipe(args.prompt, num_inference_steps=args.num_steps, guidance_scale=args.guidance,
                      generator=generators(args.seed, 1)).images[0]
     meta = export(args.out, store, image, args.prompt, seed=args.seed, scale=args.scale)
@@ -247,7 +228,8 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--guidance", type=float)
     h.add_argument("--scheduler")
     h.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
-    h.add_argument("--steps", default="0:1.0", help="step range to aggregate, START:END (indices or fractions)")
+    h.add_argument("--steps", default="0:1.0", help="steps to aggregate: START:END, step indices (0:10) or "
+                   "fractions of the run (0.2:1.0)")
     h.add_argument("--resolutions", type=int, nargs="+", help="map resolutions to use, e.g. 16 8 (default: all)")
     h.add_argument("--layers", nargs="+", help="keep layers whose name contains one of these, e.g. up_blocks")
     h.add_argument("--blocks", nargs="+", choices=("down", "mid", "up"))

@@ -14,6 +14,7 @@ import torch
 from . import prompts as prompt_syntax
 from .control.edits import (FEATURE_LAYERS, AttentionReweight, LocalBlend, PromptToPrompt, embedding_weights,
                             encode_prompts, token_weight_rows)
+from .control.steps import StepRange
 from .pipeline import DiffXAttnPipeline
 
 WEIGHT_MODES = ("attention", "embedding", "embedding-a1111")
@@ -23,7 +24,7 @@ def _steps(pipe, steps: int | None) -> int:
     return steps or getattr(pipe.config, "default_steps", 50)  # 50: Stable Diffusion pipelines' default
 
 
-def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps: tuple = (0, 1.0),
+def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=StepRange.fraction(0, 1),
              num_inference_steps: int | None = None, negative_prompt: str | None = None, **kwargs):
     """Generate with Automatic1111/compel weight syntax and `[from:to:when]` prompt editing over steps.
 
@@ -74,8 +75,8 @@ def _switch_embeds(step_embeds):
     return callback
 
 
-def edit(pipe, source: str, target: str, *, cross_replace=(0, 0.8), self_replace=(0, 0.4),
-         feature_replace=(0, 0), feature_layers=FEATURE_LAYERS, local_blend: list[str] | None = None,
+def edit(pipe, source: str, target: str, *, cross_replace=StepRange.fraction(0, 0.8),
+         self_replace=StepRange.fraction(0, 0.4), feature_replace=StepRange.fraction(0, 0), feature_layers=FEATURE_LAYERS, local_blend: list[str] | None = None,
          blend_threshold: float = 0.3, seed: int = 0, **kwargs):
     """Prompt-to-prompt: (source image, edited image) from the same noise, the edit keeping the source's layout.
 

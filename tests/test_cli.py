@@ -2,8 +2,10 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 from PIL import Image
 
+from diffxattn import DiffXAttnPipeline
 from diffxattn.cli import main
 
 
@@ -62,3 +64,14 @@ def test_edit_and_weighted_generate_from_the_command_line(tmp_path, tiny_pipe):
     r = run_cli("edit", "a red circle", "--to", "a blue circle", "--pipeline", pipe, "--steps", "2",
                 "--feature-replace", "0.5", "--feature-layers", "up_blocks.0.resnet")
     assert r.returncode == 2 and "feature layers ['up_blocks.0.resnet'] are not modules" in r.stderr
+
+
+def test_build_starts_from_model_pretrained(tmp_path, tiny_pipe):
+    tiny_pipe.save_pretrained(tmp_path / "saved")
+    saved = str(tmp_path / "saved")
+    assert main(["build", "configs/tiny.yaml", "-o", str(tmp_path / "built"), f"model.pretrained={saved}",
+                 f"text.pretrained={saved}"]) == 0
+    built = DiffXAttnPipeline.from_pretrained(tmp_path / "built")
+    for name in ("unet", "text_encoder"):
+        a, b = getattr(tiny_pipe, name).state_dict(), getattr(built, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

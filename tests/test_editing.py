@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffxattn.control import AttentionStore
+from diffxattn.control import AttentionStore, StepRange
 from diffxattn.control.edits import AttentionReweight, PromptToPrompt, embedding_weights, token_mapper
 from diffxattn.editing import edit, generate
 from diffxattn.models import text as text_mod
@@ -90,7 +90,7 @@ def test_word_swap_keeps_source_maps_and_changes_the_image(tiny_pipe):
 
 def test_per_word_cross_replace_and_bad_word(tiny_pipe):
     p2p = PromptToPrompt(tiny_pipe, "a red circle", "a blue circle", cross_replace={"default": (0, 1.0), "blue": (0, 0.25)})
-    assert p2p.cross_ranges[2] == (0, 0.25) and p2p.cross_ranges[3] == (0, 1.0)
+    assert p2p.cross_ranges[2] == StepRange.fraction(0, 0.25) and p2p.cross_ranges[3] == StepRange.fraction(0, 1)
     with pytest.raises(ValueError, match="cross_replace names \\['green'\\]"):
         PromptToPrompt(tiny_pipe, "a red circle", "a blue circle", cross_replace={"green": (0, 1.0)})
 
@@ -181,3 +181,21 @@ def test_prompt_to_prompt_edits_on_stable_diffusion(sd_pipe):
     assert blend.mask.shape[-2:] == (8, 8) and outside.any() and not outside.all()
     assert torch.equal(latents[1][:, outside], latents[0][:, outside])
     assert not torch.equal(latents[1], latents[0])
+
+
+@pytest.mark.parametrize("which", ["tiny_pipe", "sd_pipe"])
+def test_a_user_callback_and_a_prompt_schedule_both_take_effect(which, request):
+    pipe = request.getfixturevalue(which)
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np")
+    calls = []
+
+    def brighten(pipe, step, timestep, tensors):  # the user's own step callback
+        calls.append(step)
+        return {"latents": tensors["latents"] + 0.05}
+
+    schedule_only = generate(pipe, "a [red:blue:2] circle", generator=seeded(0), **kw).images
+    red_and_callback = generate(pipe, "a red circle", generator=seeded(0), callback_on_step_end=brighten, **kw).images
+    both = generate(pipe, "a [red:blue:2] circle", generator=seeded(0), callback_on_step_end=brighten, **kw).images
+    assert calls == [0, 1, 2, 3] * 2
+    assert not np.allclose(both, schedule_only)  # the callback acted...
+    assert not np.allclose(both, red_and_callback)  # ...and so did the schedule
