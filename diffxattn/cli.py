@@ -72,7 +72,7 @@ def save_image(image, path: Path, scale: int = 1) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .editing import generate
+    from .generation import generate
 
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
     images = generate(pipe, args.prompt, weight_mode=args.weight_mode, negative_prompt=args.negative,
@@ -87,7 +87,7 @@ def cmd_edit(args) -> None:
 
     from .control import AttentionStore, StepRange
     from .control.edits import FEATURE_LAYERS
-    from .editing import edit
+    from .generation import edit
     from .heatmaps import export
 
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)

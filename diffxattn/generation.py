@@ -1,21 +1,28 @@
-"""High-level prompt editing: weighted and scheduled prompts, and prompt-to-prompt edits.
+"""Prompt tools in one call, on our pipeline or Stable Diffusion: weighted prompts, prompt editing over steps,
+and prompt-to-prompt edits.
 
-    image = generate(pipe, "a (red:1.6) circle", weight_mode="attention")
-    image = generate(pipe, "a [red:blue:0.5] circle")          # prompt editing over steps
+    image = generate(pipe, "a (red:1.6) circle", weight_mode="attention").images[0]
+    image = generate(pipe, "a [red:blue:0.5] circle").images[0]      # prompt editing over steps
     source, edited = edit(pipe, "a red circle at the left", "a blue circle at the left")
+    result = edit(pipe, source, target, local_blend=["circle"])     # result.mask: where the edit shows
+
+Each composes the attention controllers (`control.edits`), the text conditioning (`conditioning`) and the
+step callbacks (`callbacks`); a `callback_on_step_end` of the caller runs after theirs.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from . import prompts as prompt_syntax
-from .control.edits import (FEATURE_LAYERS, AttentionReweight, LocalBlend, PromptToPrompt, embedding_weights,
-                            encode_prompts, token_weight_rows)
+from .callbacks import PromptSchedule, StepCallbacks
+from .conditioning import TokenizedPrompt, encode, masks_padding, weighted_embeddings
+from .control.edits import FEATURE_LAYERS, AttentionReweight, LocalBlend, PromptToPrompt
 from .control.steps import StepRange
-from .pipeline import DiffXAttnPipeline
+from .prompt_syntax import has_weights, parse_schedule
 
 WEIGHT_MODES = ("attention", "embedding", "embedding-a1111")
 
@@ -25,82 +32,86 @@ def _steps(pipe, steps: int | None) -> int:
 
 
 def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=StepRange.fraction(0, 1),
-             num_inference_steps: int | None = None, negative_prompt: str | None = None, **kwargs):
+             num_inference_steps: int | None = None, negative_prompt: str | None = None,
+             callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None, **kwargs):
     """Generate with Automatic1111/compel weight syntax and `[from:to:when]` prompt editing over steps.
 
-    weight_mode "attention" scales the weighted tokens' cross-attention probabilities (over `weight_steps`);
-    "embedding" scales token embeddings towards/away from the empty prompt (compel), "embedding-a1111"
-    scales them and restores their mean. Returns the pipeline output.
+    weight_mode "attention" scales the weighted tokens' cross-attention probabilities (in the steps
+    `weight_steps`, a `StepRange`); "embedding" scales token embeddings towards/away from the empty prompt
+    (compel), "embedding-a1111" scales them and restores their mean. Returns the pipeline output.
     """
     if weight_mode not in WEIGHT_MODES:
         raise ValueError(f"weight mode {weight_mode!r}; expected one of {WEIGHT_MODES}")
     steps = _steps(pipe, num_inference_steps)
-    schedule = prompt_syntax.parse_schedule(prompt, steps)  # [(end_step, text), ...]
-    texts = [text for _, text in schedule]
-    segment_of = [next(k for k, (end, _) in enumerate(schedule) if s < end) for s in range(steps)]
-
+    schedule = parse_schedule(prompt, steps)  # [(end_step, text), ...]
+    tokens = [TokenizedPrompt.of(pipe.tokenizer, text) for _, text in schedule]
+    prompt_of_step = [next(k for k, (end, _) in enumerate(schedule) if s < end) for s in range(steps)]
     if weight_mode == "attention":
-        embeds, mask = encode_prompts(pipe, [prompt_syntax.clean_text(t) for t in texts])
-        weights = token_weight_rows(pipe.tokenizer, texts)  # (segments, S)
+        embeds, mask = encode(pipe, [t.clean for t in tokens])
+        weights = torch.tensor([t.weights for t in tokens])  # (prompts, S)
     else:
-        embeds, mask = embedding_weights(pipe, texts, "compel" if weight_mode == "embedding" else "a1111")
-        weights = torch.ones(len(texts), pipe.tokenizer.model_max_length)
-
-    def step_embeds(step: int):
-        k = segment_of[min(step, steps - 1)]
-        return embeds[k:k + 1], mask[k:k + 1]
-
+        embeds, mask = weighted_embeddings(pipe, tokens, "compel" if weight_mode == "embedding" else "a1111")
+        weights = torch.ones(1)
+    schedule_callback = PromptSchedule(pipe, embeds, mask, prompt_of_step) if len(tokens) > 1 else None
+    callbacks = StepCallbacks([(schedule_callback, None),
+                               (callback_on_step_end, callback_on_step_end_tensor_inputs)])
+    text = {"prompt_embeds": embeds[:1], **({"prompt_attention_mask": mask[:1]} if masks_padding(pipe) else {})}
     with ExitStack() as stack:
         if (weights != 1).any():
-            stack.enter_context(AttentionReweight(pipe, lambda s: weights[segment_of[min(s, steps - 1)]][None],
+            stack.enter_context(AttentionReweight(pipe, lambda s: weights[prompt_of_step[min(s, steps - 1)]][None],
                                                   steps=weight_steps))
-        if isinstance(pipe, DiffXAttnPipeline):
-            return pipe(prompt_embeds=embeds[:1], prompt_attention_mask=mask[:1], negative_prompt=negative_prompt,
-                        step_prompt_embeds=step_embeds if len(texts) > 1 else None, num_inference_steps=steps,
-                        **kwargs)
-        if len(texts) > 1:  # diffusers' pipelines have no per-step prompt: switch embeddings in the step callback
-            kwargs.update(callback_on_step_end=_switch_embeds(step_embeds),
-                          callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
-        return pipe(prompt_embeds=embeds[:1], negative_prompt=negative_prompt, num_inference_steps=steps, **kwargs)
+        return pipe(**text, negative_prompt=negative_prompt, num_inference_steps=steps, **callbacks.kwargs(),
+                    **kwargs)
 
 
-def _switch_embeds(step_embeds):
-    """A diffusers `callback_on_step_end` that gives the next step its conditional embeddings (the last rows
-    of `prompt_embeds`, after the negative prompt's under classifier-free guidance)."""
-    def callback(pipe, step: int, timestep, tensors: dict) -> dict:
-        embeds = tensors["prompt_embeds"].clone()
-        cond = embeds.shape[0] // 2 if pipe.do_classifier_free_guidance else 0
-        embeds[cond:] = step_embeds(step + 1)[0].to(embeds)
-        return {"prompt_embeds": embeds}
-    return callback
+@dataclass
+class EditResult:
+    """What `edit` made. Reads as the (source, edited) pair `edit` used to return: `source, edited = edit(...)`,
+    `edit(...)[1]`, `list(edit(...))`."""
+
+    source: object  # the source image, in the pipeline's output type (PIL image, numpy array or tensor)
+    edited: object
+    mask: torch.Tensor | None  # (H, W) bool at the image size: where local blend let the edit through; None
+    # without local blend (the mask of the last step, which decided the final latents)
+
+    def __getitem__(self, index):
+        return (self.source, self.edited)[index]
+
+    def __len__(self) -> int:
+        return 2
 
 
 def edit(pipe, source: str, target: str, *, cross_replace=StepRange.fraction(0, 0.8),
-         self_replace=StepRange.fraction(0, 0.4), feature_replace=StepRange.fraction(0, 0), feature_layers=FEATURE_LAYERS, local_blend: list[str] | None = None,
-         blend_threshold: float = 0.3, seed: int = 0, **kwargs):
-    """Prompt-to-prompt: (source image, edited image) from the same noise, the edit keeping the source's layout.
+         self_replace=StepRange.fraction(0, 0.4), feature_replace=StepRange.fraction(0, 0),
+         feature_layers=FEATURE_LAYERS, local_blend: list[str] | None = None, blend_threshold: float = 0.3,
+         seed: int = 0, callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None,
+         **kwargs) -> EditResult:
+    """Prompt-to-prompt: the source image and the edited one from the same noise, the edit keeping the layout.
 
     Weight syntax in `target` on words shared with `source` reweights them (prompt-to-prompt's reweight edit).
-    `feature_replace` (e.g. (0, 0.8)) also gives the edit the source's decoder features (`PromptToPrompt`):
-    for attribute edits such as a color, which then keep the object's shape and position exactly.
+    `feature_replace` (e.g. StepRange.fraction(0, 0.8)) also gives the edit the source's decoder features
+    (`PromptToPrompt`): for attribute edits such as a color, which then keep the object's shape and position.
+    `local_blend`: words whose region alone may change (`LocalBlend`); the result carries its mask.
     """
-    src_runs = prompt_syntax.parse_weights(source)
-    if any(r.weight != 1.0 for r in src_runs):
+    if has_weights(source):
         raise ValueError(f"the source prompt {source!r} has weight syntax; put weights in the target prompt")
-    clean_target = prompt_syntax.clean_text(target)
-    _, weights, _ = prompt_syntax.token_weights(target, pipe.tokenizer)
-    words = prompt_syntax.word_token_map(clean_target, pipe.tokenizer)
-    word_weights = {w: weights[pos[0] - 1] for w, pos in words if pos and pos[0] - 1 < len(weights)
-                    and weights[pos[0] - 1] != 1.0}
-    prompts = [source, clean_target]
+    src, tgt = TokenizedPrompt.of(pipe.tokenizer, source), TokenizedPrompt.of(pipe.tokenizer, target)
     generator = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)]
     with ExitStack() as stack:
-        stack.enter_context(PromptToPrompt(pipe, source, clean_target, cross_replace=cross_replace,
-                                           self_replace=self_replace, feature_replace=feature_replace,
-                                           feature_layers=feature_layers, weights=word_weights))
-        callback = None
-        if local_blend:
-            blend = stack.enter_context(LocalBlend(pipe, prompts, local_blend, threshold=blend_threshold))
-            callback = blend.callback
-        images = pipe(prompts, generator=generator, callback_on_step_end=callback, **kwargs).images
-    return images[0], images[1]
+        p2p = stack.enter_context(PromptToPrompt(pipe, src, tgt, cross_replace=cross_replace,
+                                                 self_replace=self_replace, feature_replace=feature_replace,
+                                                 feature_layers=feature_layers, weights=tgt.word_weights()))
+        blend = stack.enter_context(LocalBlend(pipe, [src, tgt], local_blend, threshold=blend_threshold)
+                                    ) if local_blend else None
+        callbacks = StepCallbacks([(blend.callback if blend else None, ["latents"]),
+                                   (callback_on_step_end, callback_on_step_end_tensor_inputs)])
+        images = pipe(p2p.prompts, generator=generator, **callbacks.kwargs(), **kwargs).images
+    return EditResult(images[0], images[1], _image_mask(pipe, blend))
+
+
+def _image_mask(pipe, blend: LocalBlend | None) -> torch.Tensor | None:
+    """The blend's latent mask (1, 1, h, w) as a (H, W) bool mask at the image size (nearest)."""
+    if blend is None or blend.mask is None:
+        return None
+    scale = getattr(pipe, "vae_scale_factor", 1)  # Stable Diffusion's latents are 8x smaller; ours are pixels
+    return F.interpolate(blend.mask, scale_factor=scale, mode="nearest")[0, 0] > 0

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from .control.store import AttentionStore, word_keys
-from .prompts import clean_text
+from .conditioning import TokenizedPrompt
 from .viewer import write_viewer
 
 # Google's "turbo" colormap, polynomial approximation (Mikhailov 2019): x in [0, 1] -> RGB in [0, 1].
@@ -77,7 +77,8 @@ def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, promp
     """Write every heatmap artefact of image `index` into `out_dir`; returns the maps.json content."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    words = store.words(index, prompt)
+    text = TokenizedPrompt.of(store.pipe.tokenizer, prompt)
+    words = store.words(index, text)
     keys = word_keys([w for w, _ in words])
     tokens = store.token_maps(index)  # (S, H, W)
     word_maps = {k: tokens[pos].mean(0) for k, (_, pos) in zip(keys, words)}
@@ -104,11 +105,10 @@ def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, promp
         layers, tensors["layers"] = store.layer_token_maps(index)
     save_file(tensors, str(out / "maps.safetensors"))
 
-    ids = store.pipe.tokenizer(clean_text(prompt)).input_ids
     meta = {
         "prompt": prompt,
         "seed": seed,
-        "tokens": store.pipe.tokenizer.convert_ids_to_tokens(ids),
+        "tokens": store.pipe.tokenizer.convert_ids_to_tokens(text.ids),
         "words": [w for w, _ in words],
         "word_tokens": {k: pos for k, (_, pos) in zip(keys, words)},
         "word_files": dict(zip(keys, files)),

@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors import safe_open
 
-from .models import text as text_mod
+from . import conditioning
 
 
 class PipelineLoadError(ValueError):
@@ -53,6 +53,9 @@ class DiffXAttnPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->unet"
+    # what a `callback_on_step_end` may read and replace (diffusers' protocol); under classifier-free guidance
+    # the embeddings and mask hold the negative rows first, then the conditional ones, as in Stable Diffusion
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "prompt_attention_mask"]
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler, default_steps: int = 30,
                  default_guidance_scale: float = 1.0):
@@ -87,10 +90,8 @@ class DiffXAttnPipeline(DiffusionPipeline):
 
         Words past the encoder's max length are dropped with a warning naming them (an error if `self.strict`).
         """
-        text_mod.check_length(self.tokenizer, prompts, self.strict)
-        ids, mask = text_mod.tokenize(self.tokenizer, prompts)
-        embeds = text_mod.encode(self.text_encoder, ids)
-        return embeds.to(self.unet.dtype), mask.to(embeds.device)
+        return conditioning.encode_texts(self.tokenizer, self.text_encoder, prompts, strict=self.strict,
+                                         dtype=self.unet.dtype)
 
     def check_inputs(self, prompts: list[str], negative: list[str] | None, height: int, width: int, steps: int) -> None:
         if not prompts:
@@ -123,18 +124,20 @@ class DiffXAttnPipeline(DiffusionPipeline):
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
-        step_prompt_embeds: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None] | None = None,
         callback_on_step_end: Callable[["DiffXAttnPipeline", int, torch.Tensor, dict], dict | None] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate images.
 
-        `prompt_embeds`/`prompt_attention_mask` replace the text encoder's output (used by prompt weighting);
-        `step_prompt_embeds(step)` may return other conditional embeddings for a given step (prompt editing over
-        steps); `callback_on_step_end(pipe, step, timestep, {"latents": x})` may return {"latents": new}.
+        `prompt_embeds`/`prompt_attention_mask` replace the text encoder's output (used by prompt weighting).
+        `callback_on_step_end(pipe, i, t, tensors)` runs after each scheduler step, as in diffusers: `tensors`
+        holds `callback_on_step_end_tensor_inputs` (default ["latents"]; also "prompt_embeds" and
+        "prompt_attention_mask", negative rows first under guidance) and the tensors it returns replace them.
         `generator` may be a list with one generator per image, so an image's bits do not depend on its batch.
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r}; expected 'pil', 'np' or 'pt'")
+        tensor_inputs = self._step_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
         self._guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         size = self.unet.config.sample_size
@@ -154,14 +157,15 @@ class DiffXAttnPipeline(DiffusionPipeline):
             prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts)
         if prompt_attention_mask is None:
             prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.bool, device=prompt_embeds.device)
-        cond = self._repeat(prompt_embeds, prompt_attention_mask, num_images_per_prompt)
-        uncond = None
+        prompt_embeds, prompt_attention_mask = self._repeat(prompt_embeds, prompt_attention_mask, num_images_per_prompt)
         if self.do_classifier_free_guidance:
             if negative_prompt_embeds is None:
                 negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(negative or [""] * len(prompts))
             uncond = self._repeat(negative_prompt_embeds, negative_prompt_attention_mask, num_images_per_prompt)
+            prompt_embeds = torch.cat([uncond[0], prompt_embeds])  # (2B, S, D): negative rows, then conditional
+            prompt_attention_mask = torch.cat([uncond[1], prompt_attention_mask])
 
-        batch = cond[0].shape[0]
+        batch = len(prompts) * num_images_per_prompt
         shape = (batch, self.unet.config.in_channels, height, width)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(steps, device=device)
@@ -171,24 +175,34 @@ class DiffXAttnPipeline(DiffusionPipeline):
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            step_cond = step_prompt_embeds(i) if step_prompt_embeds is not None else None
-            c_emb, c_mask = self._repeat(*step_cond, num_images_per_prompt) if step_cond is not None else cond
             x_in = self.scheduler.scale_model_input(latents, t)
-            if uncond is not None:
-                emb, mask = torch.cat([uncond[0], c_emb]), torch.cat([uncond[1], c_mask])
-                pred_u, pred_c = self._predict(torch.cat([x_in, x_in]), t, emb, mask).chunk(2)
+            if self.do_classifier_free_guidance:
+                pred_u, pred_c = self._predict(torch.cat([x_in, x_in]), t, prompt_embeds, prompt_attention_mask).chunk(2)
                 pred = pred_u + self._guidance_scale * (pred_c - pred_u)
             else:
-                pred = self._predict(x_in, t, c_emb, c_mask)
+                pred = self._predict(x_in, t, prompt_embeds, prompt_attention_mask)
             latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
-                out = callback_on_step_end(self, i, t, {"latents": latents})
-                if out and "latents" in out:
-                    latents = out["latents"]
+                current = {"latents": latents, "prompt_embeds": prompt_embeds,
+                           "prompt_attention_mask": prompt_attention_mask}
+                out = callback_on_step_end(self, i, t, {k: current[k] for k in tensor_inputs}) or {}
+                latents = out.get("latents", latents)
+                prompt_embeds = out.get("prompt_embeds", prompt_embeds)
+                prompt_attention_mask = out.get("prompt_attention_mask", prompt_attention_mask)
 
         images = self.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _step_tensor_inputs(self, callback, names: list[str] | None) -> list[str]:
+        """The tensors a step callback sees: its own `tensor_inputs` (diffusers' PipelineCallback), the names
+        asked for, or the latents; each must be one of `_callback_tensor_inputs`."""
+        names = list(getattr(callback, "tensor_inputs", None) or names or ["latents"])
+        unknown = [n for n in names if n not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown}: a step callback can read "
+                             f"{self._callback_tensor_inputs}")
+        return names
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample

@@ -1,4 +1,4 @@
-r"""Prompt syntax: per-word weights, prompt editing over steps, and word ↔ token alignment.
+r"""Prompt syntax: per-word weights and prompt editing over steps (text in, text and numbers out).
 
 Weights (both dialects may be mixed in one prompt):
 
@@ -11,7 +11,7 @@ Prompt editing (Automatic1111) ``[from:to:when]`` is expanded first by :func:`pa
 the texts it returns still carry weight syntax for :func:`parse_weights`.
 
 >>> parse_weights("(red:1.5) car+")
-[Run(text='red', weight=1.5), Run(text=' ', weight=1.0), Run(text='car', weight=1.1)]
+[WeightedSpan(text='red', weight=1.5), WeightedSpan(text=' ', weight=1.0), WeightedSpan(text='car', weight=1.1)]
 >>> parse_schedule("a [dog:cat:0.5]", steps=10)
 [(5, 'a dog'), (10, 'a cat')]
 """
@@ -80,7 +80,7 @@ def _check_range(prompt: str, column: int, weight: float) -> None:
 
 
 @dataclass(frozen=True)
-class Run:
+class WeightedSpan:
     """A stretch of prompt text that carries one attention weight."""
 
     text: str
@@ -189,20 +189,20 @@ def _word_suffix(prompt: str, i: int, top: _Group) -> int:
     return m.end()
 
 
-def _merge_runs(prompt: str, chars: list[_Char]) -> list[Run]:
-    runs: list[Run] = []
+def _merge_runs(prompt: str, chars: list[_Char]) -> list[WeightedSpan]:
+    runs: list[WeightedSpan] = []
     for c in chars:
         # Rounding lets equal weights written differently ("((a))", "(a:1.21)") merge.
         weight = round(c.weight, 6)
         _check_range(prompt, c.column, weight)
         if runs and runs[-1].weight == weight:
-            runs[-1] = Run(runs[-1].text + c.ch, weight)
+            runs[-1] = WeightedSpan(runs[-1].text + c.ch, weight)
         else:
-            runs.append(Run(c.ch, weight))
+            runs.append(WeightedSpan(c.ch, weight))
     return runs
 
 
-def parse_weights(prompt: str) -> list[Run]:
+def parse_weights(prompt: str) -> list[WeightedSpan]:
     """Split a prompt into weighted runs, with the syntax characters removed.
 
     Adjacent runs of equal weight are merged and whitespace is kept, so
@@ -211,7 +211,8 @@ def parse_weights(prompt: str) -> list[Run]:
     [MIN_WEIGHT, MAX_WEIGHT] and unexpanded prompt editing ('[a:b:when]').
 
     >>> parse_weights("((red)) car--")
-    [Run(text='red', weight=1.21), Run(text=' ', weight=1.0), Run(text='car', weight=0.81)]
+    [WeightedSpan(text='red', weight=1.21), WeightedSpan(text=' ', weight=1.0),
+     WeightedSpan(text='car', weight=0.81)]
     """
     stack = [_Group("", 0)]
     i = 0
@@ -243,7 +244,12 @@ def parse_weights(prompt: str) -> list[Run]:
 
 def clean_text(prompt: str) -> str:
     """The prompt with weight syntax removed: the text the tokenizer sees."""
-    return "".join(run.text for run in parse_weights(prompt))
+    return "".join(span.text for span in parse_weights(prompt))
+
+
+def has_weights(prompt: str) -> bool:
+    """Whether any part of the prompt is weighted other than 1."""
+    return any(span.weight != 1.0 for span in parse_weights(prompt))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,110 +366,3 @@ def parse_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
         else:
             schedule.append((end, text))
     return schedule
-
-
-# ---------------------------------------------------------------------------------------------
-# Word ↔ token alignment
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Word:
-    """One word as the tokenizer splits it: its span in the text and its tokens."""
-
-    text: str
-    start: int
-    ids: list[int]
-    tokens: list[str]
-
-
-def _words_from_offsets(text: str, tokenizer) -> list[_Word]:
-    """Fast tokenizers report each token's word and character span: use them as they are."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    tokens = tokenizer.convert_ids_to_tokens(ids)
-    words: list[_Word] = []
-    spans: list[list[int]] = []
-    last = object()
-    for tid, tok, wid, (s, e) in zip(ids, tokens, enc.word_ids(), enc["offset_mapping"]):
-        if wid is None or wid != last:
-            words.append(_Word("", s, [], []))
-            spans.append([s, e])
-        words[-1].ids.append(tid)
-        words[-1].tokens.append(tok)
-        spans[-1][1] = max(spans[-1][1], e)
-        last = wid
-    for w, (s, e) in zip(words, spans):
-        w.text = text[s:e]
-    return words
-
-
-def _words_from_end_markers(text: str, tokenizer) -> list[_Word]:
-    """Slow CLIP tokenizers give no offsets: group tokens at CLIP's '</w>' word-end marker, then
-    find each word in the lowercased text (CLIP lowercases) to recover where it starts."""
-    tokens = tokenizer.tokenize(text)
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    lowered, origin = [], []
-    for k, ch in enumerate(text):  # lower() may change length ('İ'), so map back per char
-        lowered.append(ch.lower())
-        origin += [k] * len(lowered[-1])
-    lowered_text, origin = "".join(lowered), origin + [len(text)]
-    words, cursor, first = [], 0, 0
-    for k, tok in enumerate(tokens):
-        if not tok.endswith("</w>") and k + 1 < len(tokens):
-            continue
-        span = ids[first : k + 1], tokens[first : k + 1]
-        piece = tokenizer.convert_tokens_to_string(span[1]).replace("</w>", " ").strip()
-        found = lowered_text.find(piece.lower(), cursor) if piece else -1
-        if found < 0:  # text the tokenizer normalised away: keep the word, place it at the cursor
-            words.append(_Word(piece, origin[cursor], *span))
-        else:
-            cursor = found + len(piece)
-            start = origin[found]
-            words.append(_Word(text[start : origin[cursor]], start, *span))
-        first = k + 1
-    return words
-
-
-def _words(text: str, tokenizer) -> list[_Word]:
-    if getattr(tokenizer, "is_fast", False):
-        return _words_from_offsets(text, tokenizer)
-    return _words_from_end_markers(text, tokenizer)
-
-
-def token_weights(prompt: str, tokenizer) -> tuple[list[int], list[float], list[str]]:
-    """Token ids, one weight per token, and token strings for the cleaned prompt (no BOS/EOS).
-
-    The clean text is tokenized once, so ids equal ``tokenizer(clean_text(prompt),
-    add_special_tokens=False).input_ids``. Each word's tokens all take the weight of the run
-    holding the word's *first character*: "(cr)imson" weights every token of "crimson" 1.1.
-    """
-    runs = parse_weights(prompt)
-    char_weights = [run.weight for run in runs for _ in run.text]
-    ids: list[int] = []
-    weights: list[float] = []
-    tokens: list[str] = []
-    for word in _words("".join(run.text for run in runs), tokenizer):
-        weight = char_weights[word.start] if word.start < len(char_weights) else 1.0
-        ids += word.ids
-        tokens += word.tokens
-        weights += [weight] * len(word.ids)
-    return ids, weights, tokens
-
-
-def word_token_map(prompt_clean: str, tokenizer) -> list[tuple[str, list[int]]]:
-    """Each word of a clean prompt (as the tokenizer splits words) with its token positions.
-
-    Positions count the BOS token as 0, so they index the text encoder's sequence directly;
-    positions past the encoder's context (77 for CLIP) are the caller's to drop. A repeated
-    word appears once per occurrence. Words are substrings of `prompt_clean` (original case).
-
-    >>> word_token_map("a crimson car", clip_tokenizer)  # doctest: +SKIP
-    [('a', [1]), ('crimson', [2, 3]), ('car', [4])]
-    """
-    out = []
-    position = 1
-    for word in _words(prompt_clean, tokenizer):
-        out.append((word.text, list(range(position, position + len(word.ids)))))
-        position += len(word.ids)
-    return out

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .control import AttentionStore
-from .editing import edit, generate
+from .generation import edit, generate
 from .heatmaps import export
 
 GALLERY = [

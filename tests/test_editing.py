@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from diffxattn.control import AttentionStore, StepRange
-from diffxattn.control.edits import AttentionReweight, PromptToPrompt, embedding_weights, token_mapper
-from diffxattn.editing import edit, generate
+from diffxattn.conditioning import weighted_embeddings
+from diffxattn.control.edits import AttentionReweight, PromptToPrompt, token_mapper
+from diffxattn.generation import edit, generate
 from diffxattn.models import text as text_mod
 from conftest import seeded
 
@@ -38,12 +39,12 @@ def test_attention_reweight_changes_only_the_target_tokens_columns(tiny_pipe):
 def test_embedding_weight_one_is_identical_and_weights_move_the_embedding(tiny_pipe):
     z, _ = tiny_pipe.encode_prompt(["a red circle"])
     for mode in ("compel", "a1111"):
-        same, _ = embedding_weights(tiny_pipe, ["a (red:1) circle"], mode)
+        same, _ = weighted_embeddings(tiny_pipe, ["a (red:1) circle"], mode)
         assert torch.equal(same, z)
     plain = tiny_pipe("a red circle", generator=seeded(0), **KW).images
     one = generate(tiny_pipe, "a (red:1.0) circle", weight_mode="embedding", generator=seeded(0), **KW).images
     assert np.array_equal(plain, one)
-    z2, _ = embedding_weights(tiny_pipe, ["a (red:2) circle"], "compel")
+    z2, _ = weighted_embeddings(tiny_pipe, ["a (red:2) circle"], "compel")
     z_empty, _ = tiny_pipe.encode_prompt([""])
     torch.testing.assert_close(z2[0, 2], z_empty[0, 2] + 2 * (z[0, 2] - z_empty[0, 2]))
     torch.testing.assert_close(z2[0, 3], z[0, 3])
@@ -58,9 +59,9 @@ def test_embedding_down_weight_fades_the_word_out_of_later_tokens(tiny_pipe):
     assert torch.equal(without[0, :2], z[0, :2])  # causal: tokens before the word are unchanged
     assert not torch.allclose(without[0, 3], z[0, 3])  # "circle" no longer carries "red"
     z_empty, _ = tiny_pipe.encode_prompt([""])
-    zero, _ = embedding_weights(tiny_pipe, ["a (red:0) circle"], "compel")
+    zero, _ = weighted_embeddings(tiny_pipe, ["a (red:0) circle"], "compel")
     torch.testing.assert_close(zero[0, 3:], without[0, 3:], atol=1e-4, rtol=0)  # weight 0: the word is gone
-    half, _ = embedding_weights(tiny_pipe, ["a (red:0.5) circle"], "compel")
+    half, _ = weighted_embeddings(tiny_pipe, ["a (red:0.5) circle"], "compel")
     base = z.clone()
     base[0, 2] = z_empty[0, 2] + 0.5 * (z[0, 2] - z_empty[0, 2])
     torch.testing.assert_close(half, (base + without) / 2)  # weight 0.5: half-way (lerp weight tan(pi/4) = 1)

@@ -40,10 +40,13 @@ def test_shipped_pipeline_is_small_and_loads_with_plain_diffusers():
 
 
 def test_local_blend_mask_covers_the_object_and_keeps_the_rest(shipped):
+    from diffxattn.eval import metrics
     from diffxattn.eval.detector import detect
-    from diffxattn.eval.run import _blend_edit
+    from diffxattn.generation import edit
 
-    src, tgt, mask = _blend_edit(shipped, "a red circle at the left", "a green circle at the left", ["circle"], 0)
+    result = edit(shipped, "a red circle at the left", "a green circle at the left", local_blend=["circle"],
+                  output_type="np")
+    (src, tgt), mask = metrics.to_uint8(list(result)), result.mask.numpy()
     objects = detect(src)
     assert objects and objects[0].color == "red"
     assert mask.mean() < 0.9 and mask[objects[0].mask].mean() > 0.9  # a region around the object, not everything
@@ -53,8 +56,8 @@ def test_local_blend_mask_covers_the_object_and_keeps_the_rest(shipped):
 
 
 def test_feature_injection_keeps_the_object_while_the_color_changes(shipped):
-    from diffxattn.editing import edit
     from diffxattn.eval import metrics
+    from diffxattn.generation import edit
 
     plain = metrics.to_uint8(list(edit(shipped, "a red circle at the left", "a blue circle at the left",
                                        output_type="np")))

@@ -8,21 +8,19 @@ kept exactly, and only what the text adds through cross-attention (a color, not 
 
     with PromptToPrompt(pipe, "a red circle at the left", "a blue circle at the left") as p2p:
         source, edited = pipe(p2p.prompts, generator=[g(0), g(0)]).images
+
+`diffxattn.generation.edit` does this (with weights, local blend and feature injection) in one call.
 """
 
 from __future__ import annotations
 
 import difflib
-import itertools
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .. import prompts as prompt_syntax
-from ..models import text as text_mod
-from ..pipeline import DiffXAttnPipeline
+from ..conditioning import TokenizedPrompt
 from .processor import AttnCall, ControllerContext, step_clock
 from .steps import SamplingRun, StepRange
 
@@ -55,15 +53,14 @@ class AttentionReweight(ControllerContext):
         return out
 
 
-def token_mapper(tokenizer, source: str, target: str) -> tuple[torch.Tensor, bool]:
+def token_mapper(tokenizer, source: str | TokenizedPrompt, target: str | TokenizedPrompt) -> tuple[torch.Tensor, bool]:
     """For each target token position, the source position whose attention it takes (-1: its own).
 
     Same number of tokens -> a word swap (position j takes source position j). Otherwise -> refine:
     tokens are aligned with difflib; equal runs and same-length replacements map position by position,
     inserted words keep their own attention. Returns (mapper (S,), is_swap).
     """
-    src = tokenizer(prompt_syntax.clean_text(source)).input_ids
-    tgt = tokenizer(prompt_syntax.clean_text(target)).input_ids
+    src, tgt = TokenizedPrompt.of(tokenizer, source).ids, TokenizedPrompt.of(tokenizer, target).ids
     size = tokenizer.model_max_length
     if len(src) == len(tgt):
         return torch.arange(size), True
@@ -88,12 +85,13 @@ class PromptToPrompt(ControllerContext):
     source's (Plug-and-Play feature injection; off by default). It keeps the object's shape and position
     exactly, so use it for attribute edits (a color); it also stops a swapped shape word from changing the shape.
     weights: optional {target word: weight} applied on top (prompt-to-prompt's reweight edit).
+    source, target: text without weight syntax, or `TokenizedPrompt`s (their clean text is used).
     The batch must be [source, target] conditional rows: use `pipe(p2p.prompts, ...)`.
     """
 
     edits = True
 
-    def __init__(self, pipe, source: str, target: str, *, cross_replace=StepRange.fraction(0, 0.8),
+    def __init__(self, pipe, source: str | TokenizedPrompt, target: str | TokenizedPrompt, *, cross_replace=StepRange.fraction(0, 0.8),
                  self_replace=StepRange.fraction(0, 0.4), feature_replace=StepRange.fraction(0, 0),
                  feature_layers=FEATURE_LAYERS, weights: dict[str, float] | None = None):
         super().__init__(pipe)
@@ -103,10 +101,11 @@ class PromptToPrompt(ControllerContext):
             resnets = [n for n in modules if n.split(".")[-2:-1] == ["resnets"]]
             raise ValueError(f"feature layers {unknown} are not modules of the UNet; its ResBlocks are {resnets}")
         self.feature_replace, self.feature_layers, self.hooks = StepRange.of(feature_replace), list(feature_layers), []
-        self.prompts = [source, target]
+        source, target = TokenizedPrompt.of(pipe.tokenizer, source), TokenizedPrompt.of(pipe.tokenizer, target)
+        self.prompts = [source.clean, target.clean]
         self.mapper, self.is_swap = token_mapper(pipe.tokenizer, source, target)
         size = pipe.tokenizer.model_max_length
-        self.words = prompt_syntax.word_token_map(prompt_syntax.clean_text(target), pipe.tokenizer)
+        self.words = target.words
         ranges = cross_replace if isinstance(cross_replace, dict) else {"default": cross_replace}
         ranges = {word: StepRange.of(r) for word, r in ranges.items()}
         self.cross_ranges = [ranges.get("default", StepRange.fraction(0, 0.8))] * size
@@ -121,7 +120,7 @@ class PromptToPrompt(ControllerContext):
         self.self_replace = StepRange.of(self_replace)
         self.token_weights = torch.ones(size)
         for word, w in (weights or {}).items():
-            positions = [p for x, pos in self.words if x == word for p in pos]
+            positions = target.positions([word])
             if not positions:
                 raise ValueError(f"weights names {word!r}, not a word of the target prompt {[w for w, _ in self.words]}")
             self.token_weights[positions] = w
@@ -175,19 +174,17 @@ class LocalBlend(ControllerContext):
     `callback_on_step_end=blend.callback` in the pipeline call.
     """
 
-    def __init__(self, pipe, prompts: list[str], words: list[str], *, threshold: float = 0.3,
+    def __init__(self, pipe, prompts: list[str | TokenizedPrompt], words: list[str], *, threshold: float = 0.3,
                  steps=StepRange.fraction(0.2, 1), start: float | None = None, resolutions=None, dilate: int = 2):
         if not 0 <= threshold < 1:
             raise ValueError(f"local blend threshold {threshold} must be in [0, 1)")
         super().__init__(pipe)
         self.steps = StepRange.of(steps) if start is None else StepRange.fraction(start, 1)
         self.threshold, self.resolutions, self.dilate = threshold, resolutions, dilate
-        self.positions = []
-        for prompt in prompts:
-            pairs = prompt_syntax.word_token_map(prompt_syntax.clean_text(prompt), pipe.tokenizer)
-            self.positions.append([p for w, pos in pairs if w in words for p in pos])
+        self.positions = [TokenizedPrompt.of(pipe.tokenizer, p).positions(words) for p in prompts]
         if not any(self.positions):
-            raise ValueError(f"local blend words {words} appear in neither prompt: {prompts}")
+            raise ValueError(f"local blend words {words} appear in neither prompt: "
+                             f"{[TokenizedPrompt.of(pipe.tokenizer, p).clean for p in prompts]}")
         self.on_run_start(SamplingRun(num_steps=1, prompts=None))
 
     def on_run_start(self, run: SamplingRun) -> None:
@@ -230,73 +227,3 @@ class LocalBlend(ControllerContext):
         latents = tensors["latents"]
         src, tgt = latents[0:1], latents[1:2]
         return {"latents": torch.cat([src, src + self.mask.to(latents) * (tgt - src)])}
-
-
-# -- prompt weights as embeddings --
-def encode_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text embeddings (B, S, D) and key mask (B, S) on either pipeline: ours masks padding keys, Stable
-    Diffusion's pipelines encode the padded prompt with the text encoder and attend to every position."""
-    if isinstance(pipe, DiffXAttnPipeline):
-        return pipe.encode_prompt(prompts)
-    ids, _ = text_mod.tokenize(pipe.tokenizer, prompts)
-    embeds = text_mod.encode(pipe.text_encoder, ids).to(pipe.unet.dtype)
-    return embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
-
-
-def embedding_weights(pipe, prompts: list[str], mode: str = "compel") -> tuple[torch.Tensor, torch.Tensor]:
-    """Text embeddings with prompt weights applied to the token embeddings: (B, S, D), mask (B, S).
-
-    mode "compel", as compel does it: every weighted token becomes z_empty + w * (z - z_empty); then each run
-    of tokens weighted below 1 is also faded out of the whole prompt by lerping towards the prompt encoded
-    with that run hidden from the other tokens (otherwise the later tokens of a causal text encoder still
-    carry it): lerp weight tan((1 - w) * pi / 2), so w = 0.5 is half-way and w = 0 removes the run.
-    mode "a1111": z * w, then rescaled so the mean over the prompt's embeddings is unchanged.
-    """
-    if mode not in ("compel", "a1111"):
-        raise ValueError(f"embedding weight mode {mode!r}; expected 'compel' or 'a1111'")
-    clean = [prompt_syntax.clean_text(p) for p in prompts]
-    weights = token_weight_rows(pipe.tokenizer, prompts)
-    z, mask = encode_prompts(pipe, clean)
-    w = weights.to(z)[..., None]  # (B, S, 1)
-    if mode == "a1111":
-        scaled = z * w
-        return scaled * (z.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True)), mask
-    z_empty, _ = encode_prompts(pipe, [""] * len(prompts))
-    out = torch.where(w == 1, z, z_empty + w * (z - z_empty))  # weight 1 keeps z bit for bit
-    ids, _ = text_mod.tokenize(pipe.tokenizer, clean)
-    for i, row in enumerate(weights.tolist()):
-        runs = [r for r in _runs(row) if r[2] < 1]
-        if not runs:
-            continue
-        total, norm = out[i].clone(), 1.0
-        for start, length, v in runs:
-            hide = torch.zeros(1, ids.shape[1], dtype=torch.bool)
-            hide[0, start:start + length] = True
-            without = text_mod.encode(pipe.text_encoder, ids[i:i + 1], hide)[0].to(z)
-            lerp = math.tan((1.0 - max(v, 1e-5)) * math.pi / 2)
-            total, norm = total + lerp * without, norm + lerp
-        out[i] = total / norm
-    return out, mask
-
-
-def _runs(row: list[float]):
-    """(start, length, weight) of each run of equal consecutive weights."""
-    start = 0
-    for value, group in itertools.groupby(row):
-        length = len(list(group))
-        yield start, length, value
-        start += length
-
-
-def token_weight_rows(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """(B, S) weights per token position (BOS, EOS and padding 1), from each prompt's weight syntax."""
-    rows = torch.ones(len(prompts), tokenizer.model_max_length)
-    for i, prompt in enumerate(prompts):
-        _, weights, _ = prompt_syntax.token_weights(prompt, tokenizer)
-        kept = weights[: tokenizer.model_max_length - 2]
-        rows[i, 1:1 + len(kept)] = torch.tensor(kept)
-    return rows
-
-
-def has_weights(prompt: str) -> bool:
-    return any(r.weight != 1.0 for r in prompt_syntax.parse_weights(prompt))

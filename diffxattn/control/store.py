@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from .. import prompts as prompt_syntax
+from ..conditioning import TokenizedPrompt
 from .processor import AttnCall, ControllerContext
 from .steps import SamplingRun, StepRange
 
@@ -156,12 +156,11 @@ class AttentionStore(ControllerContext):
         maps = [self._upsample(self.layer_sums[n][index] / self.layer_counts[n], self.layer_hw[n], size) for n in names]
         return names, torch.stack(maps)
 
-    def words(self, index: int = 0, prompt: str | None = None) -> list[tuple[str, list[int]]]:
-        """(word, token positions) for the prompt of image `index`; BOS/EOS/padding and truncated words excluded."""
+    def words(self, index: int = 0, prompt: str | TokenizedPrompt | None = None) -> list[tuple[str, list[int]]]:
+        """(word, token positions) for the prompt of image `index` (or `prompt`); BOS/EOS/padding and words cut
+        off by the encoder's length excluded."""
         prompt = prompt if prompt is not None else self._prompt(index)
-        max_pos = next(iter(self.sums.values())).shape[-1] - 1  # last position is EOS at the earliest
-        pairs = prompt_syntax.word_token_map(prompt_syntax.clean_text(prompt), self.pipe.tokenizer)
-        return [(w, [p for p in pos if p < max_pos]) for w, pos in pairs if pos and pos[0] < max_pos]
+        return TokenizedPrompt.of(self.pipe.tokenizer, prompt).words
 
     def _prompt(self, index: int) -> str:
         if not self.prompts:
@@ -172,7 +171,7 @@ class AttentionStore(ControllerContext):
     def _rows(self) -> int:
         return next(iter(self.sums.values())).shape[0]
 
-    def word_maps(self, index: int = 0, prompt: str | None = None, normalize: str = "none",
+    def word_maps(self, index: int = 0, prompt: str | TokenizedPrompt | None = None, normalize: str = "none",
                   size: tuple[int, int] | None = None, resolution: int | None = None) -> dict[str, torch.Tensor]:
         """{word: (H, W)} for image `index`; a word of several tokens is the mean of its tokens' maps.
 

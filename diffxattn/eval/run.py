@@ -17,13 +17,11 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..control.edits import LocalBlend, PromptToPrompt
 from ..control.store import AttentionStore, word_keys
 from ..data.shapes import ShapesConfig
-from ..editing import edit, generate
+from ..generation import edit, generate
 from . import metrics
 from .detector import detect, score_prompt
 from .prompts import SET_NAMES, color_swap, first_object, prompt_set, prompt_sets, reweighted, shape_swap
@@ -96,19 +94,6 @@ def _score_set(pipe, prompts: list[str], seeds, *, scale: float, steps: int, bat
     return scores
 
 
-def _blend_edit(pipe, source: str, target: str, words: list[str], seed: int, **kwargs):
-    """`edit(pipe, source, target, local_blend=words, seed=seed)`, also returning the blend mask
-    (H, W) bool that decided the last step. `edit` does not expose the mask, so this composes the
-    same two controllers with `edit`'s defaults (a test checks both give the same images)."""
-    prompts = [source, target]
-    with PromptToPrompt(pipe, source, target), LocalBlend(pipe, prompts, words) as blend:
-        images = pipe(prompts, generator=_generators([seed, seed]), callback_on_step_end=blend.callback,
-                      output_type="np", **kwargs).images
-    src, tgt = metrics.to_uint8(images)
-    mask = F.interpolate(blend.mask.float(), size=src.shape[:2], mode="nearest")[0, 0].cpu().numpy() > 0
-    return src, tgt, mask
-
-
 def _change(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
     """Mean absolute difference of two uint8 images over the pixels `where`, in [0, 1] (1 = 255 levels)."""
     return float(np.abs(a.astype(np.float32) - b)[where].mean() / 255) if where.any() else None
@@ -136,7 +121,8 @@ def _edit_metrics(pipe, prompts: list[str], seeds, *, scale: float, steps: int, 
                 swaps[name].append(metrics.swap_scores(*pairs[name], new[attribute], attribute))
             src, tgt = pairs["color_swap"]
             # (c) local blend on the edited object's word: pixels outside the blend mask stay the source's
-            b_src, b_tgt, mask = _blend_edit(pipe, prompt, targets["color"], [shape], seed, **kw)
+            blended = edit(pipe, prompt, targets["color"], local_blend=[shape], seed=seed, output_type="np", **kw)
+            (b_src, b_tgt), mask = metrics.to_uint8(list(blended)), blended.mask.cpu().numpy()
             blends.append({"outside": _change(b_src, b_tgt, ~mask), "inside": _change(b_src, b_tgt, mask),
                            "outside_no_blend": _change(src, tgt, ~mask), "mask_fraction": float(mask.mean())})
             # (b) reweight the color word: does its strength grow with the weight?

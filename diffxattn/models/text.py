@@ -1,5 +1,8 @@
 """Text side: transformers' CLIPTextModel + CLIPTokenizer, loaded from a folder / hub id, or built small.
 
+Also the two raw operations on them, `tokenize` (padded ids + mask) and `encode` (ids -> hidden states);
+prompts as such (syntax, words, weights, truncation) are `diffxattn.conditioning`'s.
+
 No machine of this project reaches a model hub, so `build_tokenizer` learns a CLIP-format BPE
 vocabulary (`vocab.json`, `merges.txt`) from a caption corpus and `build_text_encoder` makes a small
 randomly initialised `CLIPTextModel`; both load back with the plain transformers classes.
@@ -11,7 +14,6 @@ import collections
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -127,32 +129,6 @@ def build_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 128, num_lay
     if seed is not None:
         torch.manual_seed(seed)
     return CLIPTextModel(config)
-
-
-class PromptTooLongError(ValueError):
-    """A prompt has more tokens than the text encoder reads (raised instead of a warning when strict)."""
-
-
-def dropped_words(tokenizer: CLIPTokenizer, prompt: str) -> list[str]:
-    """The words of `prompt` that do not fit into the encoder's max length (BOS and EOS included)."""
-    from ..prompts import word_token_map
-
-    last = tokenizer.model_max_length - 1  # position of EOS when the prompt fills the window
-    return [w for w, pos in word_token_map(prompt, tokenizer) if pos and pos[-1] >= last]
-
-
-def check_length(tokenizer: CLIPTokenizer, prompts: list[str], strict: bool = False) -> None:
-    """Warn (or raise PromptTooLongError when strict) naming the words a too-long prompt loses."""
-    for prompt in prompts:
-        if len(prompt) < tokenizer.model_max_length // 2:  # cannot overflow: every token has >= 1 character
-            continue
-        lost = dropped_words(tokenizer, prompt)
-        if lost:
-            message = (f"prompt is longer than the text encoder's {tokenizer.model_max_length} tokens; "
-                       f"these words are dropped: {' '.join(lost)}")
-            if strict:
-                raise PromptTooLongError(message)
-            warnings.warn(message, stacklevel=3)
 
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
