@@ -83,12 +83,11 @@ def cmd_generate(args) -> None:
 
 
 def cmd_edit(args) -> None:
-    from PIL import Image
-
     from .control import AttentionStore, StepRange
     from .control.edits import FEATURE_LAYERS
     from .generation import edit
     from .heatmaps import export
+    from .images import labelled_grid
 
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
     cross = {"default": StepRange.parse(args.cross_replace)}
@@ -104,9 +103,7 @@ def cmd_edit(args) -> None:
                               local_blend=args.local_blend, blend_threshold=args.blend_threshold, seed=args.seed,
                               num_inference_steps=args.steps,
                               guidance_scale=args.guidance)
-    pair = Image.new("RGB", (source.width * 2, source.height))
-    pair.paste(source, (0, 0))
-    pair.paste(edited, (source.width, 0))
+    pair = labelled_grid([("", source), ("", edited)], columns=2, cell=source.width)
     save_image(pair, Path(args.out), args.scale)
     if store:
         export(Path(args.heatmaps) / "source", store, source, args.source, seed=args.seed, index=0)

@@ -16,60 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import save_file
 
-from .control.store import AttentionStore, word_keys
 from .conditioning import TokenizedPrompt
+from .control.store import AttentionStore, word_keys
+from .images import labelled_grid, overlay
 from .viewer import write_viewer
-
-# Google's "turbo" colormap, polynomial approximation (Mikhailov 2019): x in [0, 1] -> RGB in [0, 1].
-_TURBO = np.array([
-    [0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943],
-    [0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604],
-    [0.10667330, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973],
-])
-
-
-def colormap(x: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] (...,) -> turbo RGB uint8 (..., 3)."""
-    x = np.clip(x, 0.0, 1.0)[..., None]
-    powers = x ** np.arange(6)  # (..., 6)
-    return (np.clip(powers @ _TURBO.T, 0, 1) * 255).round().astype(np.uint8)
-
-
-def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.55, scale: int = 8) -> Image.Image:
-    """The image enlarged `scale`x (nearest) with a min-max-normalised heatmap blended over it."""
-    size = (image.width * scale, image.height * scale)
-    base = np.asarray(image.convert("RGB").resize(size, Image.NEAREST), dtype=np.float32)
-    h = torch.as_tensor(heat, dtype=torch.float32)[None, None]
-    h = torch.nn.functional.interpolate(h, size=(size[1], size[0]), mode="bilinear", align_corners=False)[0, 0].numpy()
-    h = (h - h.min()) / max(float(h.max() - h.min()), 1e-12)
-    mixed = (1 - alpha) * base + alpha * colormap(h).astype(np.float32)
-    return Image.fromarray(mixed.round().astype(np.uint8))
-
 
 def safe_filename(word: str, index: int) -> str:
     """A file name for the index-th word that cannot leave the output folder or hit reserved names."""
     text = unicodedata.normalize("NFKD", word).encode("ascii", "ignore").decode()
     text = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_.-")[:40] or "word"
     return f"word-{index:02d}-{text}.png"
-
-
-def grid(image: Image.Image, tiles: list[tuple[str, Image.Image]], scale: int = 8, columns: int = 5) -> Image.Image:
-    """The image followed by one labelled overlay per word, in rows of `columns`."""
-    cells = [("image", image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST))]
-    cells += tiles
-    w, h = cells[0][1].size
-    label = 18
-    rows = (len(cells) + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * w, rows * (h + label)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (name, tile) in enumerate(cells):
-        x, y = (i % columns) * w, (i // columns) * (h + label)
-        canvas.paste(tile, (x, y + label))
-        draw.text((x + 4, y + 3), name, fill="black")
-    return canvas
 
 
 def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, prompt: str, *, seed: int | None = None,
@@ -94,7 +53,7 @@ def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, promp
         tile.save(out / name)
         tiles.append((key, tile))
         files.append(name)
-    grid(image, tiles, scale).save(out / "grid.png")
+    labelled_grid([("image", image), *tiles], columns=5, cell=image.width * scale).save(out / "grid.png")
 
     tensors = {"tokens": tokens.contiguous()}
     steps = layers = None

@@ -7,7 +7,6 @@ and accuracy against training time.
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from PIL import Image, ImageDraw
 from .control import AttentionStore
 from .generation import edit, generate
 from .heatmaps import export
+from .images import labelled_grid
 
 GALLERY = [
     "a red circle at the left", "a blue square at the top", "a green triangle at the right",
@@ -35,20 +35,6 @@ EDITS = [  # (source, target, edit options)
 ]
 REWEIGHT = ("a (red:{w}) circle at the left", (0.25, 0.5, 1.0, 1.5, 2.0, 3.0))
 HEATMAP_PROMPT = "a red circle left of a blue square"
-
-
-def labelled_grid(cells: list[tuple[str, Image.Image]], columns: int, cell: int = 128) -> Image.Image:
-    """Images enlarged (nearest) to `cell` pixels in rows of `columns`, each with its wrapped label below."""
-    labels = [textwrap.wrap(label, max(1, cell // 6)) or [""] for label, _ in cells]
-    label_h = 12 * max(map(len, labels)) + 4
-    rows = (len(cells) + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * cell, rows * (cell + label_h)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for k, ((_, image), label) in enumerate(zip(cells, labels)):
-        x, y = (k % columns) * cell, (k // columns) * (cell + label_h)
-        canvas.paste(image.resize((cell, cell * image.height // image.width), Image.NEAREST), (x, y))
-        draw.multiline_text((x + 2, y + cell + 2), "\n".join(label), fill="black", spacing=1)
-    return canvas
 
 
 def line_chart(points: dict[str, list[tuple[float, float]]], title: str, xlabel: str, size=(640, 360)) -> Image.Image:

@@ -39,9 +39,9 @@ from transformers import CLIPTokenizer
 from . import checkpoint as ckpt
 from .build import build_dataset, build_models, dataset_captions, make_pipeline
 from .config import ConfigError, ExperimentConfig, OptimConfig, load_config, to_dict
+from .images import labelled_grid
 from .models import text as text_mod
 from .pipeline import DiffXAttnPipeline
-from .samples import labelled_grid
 
 _NOISE, _DROPOUT = 1, 2  # stream ids of the keyed generators
 
