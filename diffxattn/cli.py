@@ -2,6 +2,7 @@
 
     diffxattn generate "a red circle at the left" --seed 0 -o out.png
     diffxattn build configs/tiny.yaml -o pipelines/tiny-untrained
+    diffxattn train configs/tiny.yaml train.max_steps=20 [--resume latest]
 """
 
 from __future__ import annotations
@@ -149,7 +150,21 @@ def cmd_build(args) -> None:
     pipe = build_pipeline(cfg)
     pipe.save_pretrained(args.out)
     n = sum(p.numel() for p in pipe.unet.parameters())
-    print(f"saved an untrained pipeline ({n / 1e6:.2f}M UNet parameters) to {args.out}")
+    unet = f"UNet weights from {cfg.model.pretrained}" if cfg.model.pretrained else "untrained UNet"
+    print(f"saved a pipeline ({unet}, {n / 1e6:.2f}M parameters) to {args.out}")
+
+
+def cmd_train(args) -> None:
+    from .config import load_config, overrides_from_argv
+    from .train import NonFiniteLoss, train
+
+    cfg = load_config(args.config, overrides_from_argv(args.overrides))
+    try:
+        train(cfg, args.resume)
+    except NonFiniteLoss as e:  # a RuntimeError, not bad input: exit 1 as `python -m diffxattn.train` does
+        if args.debug:
+            raise
+        raise SystemExit(f"diffxattn train: error: {e}") from None
 
 
 def cmd_eval(args) -> None:
@@ -264,17 +279,25 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("-o", "--out", default="samples")
     sm.set_defaults(func=cmd_samples)
 
-    b = sub.add_parser("build", help="build and save an untrained pipeline from a YAML config")
+    b = sub.add_parser("build", help="build and save a pipeline from a YAML config (untrained, except for what "
+                                     "model.pretrained and text.pretrained load)")
     b.add_argument("config")
     b.add_argument("-o", "--out", required=True)
     b.epilog = "Any config field can be overridden: --text.hidden_size 64 or text.hidden_size=64"
     b.set_defaults(func=cmd_build)
+
+    t = sub.add_parser("train", help="train a model from a YAML config (one process; `accelerate launch -m "
+                                     "diffxattn.train` for several)")
+    t.add_argument("config")
+    t.add_argument("--resume", help="'latest' (the newest complete checkpoint) or a checkpoint folder")
+    t.epilog = "Any config field can be overridden: --train.max_steps 2000 or train.max_steps=2000"
+    t.set_defaults(func=cmd_train)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parser().parse_known_args(argv)
-    if extra and args.command not in ("build", "train-clip"):
+    if extra and args.command not in ("build", "train", "train-clip"):
         parser().error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     try:

@@ -16,21 +16,18 @@ import torch
 from diffusers.optimization import get_scheduler
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
-from .build import build_dataset, dataset_captions
+from .build import build_dataset, learn_tokenizer, text_config
 from .config import ExperimentConfig
 from .models import text as text_mod
 
 
 def clip_config(cfg: ExperimentConfig, tokenizer) -> CLIPConfig:
-    t = cfg.text
-    text = dict(vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=4 * t.hidden_size,
-                num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-                max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    """The config's text tower (as `build` makes it) beside a small ViT for the data's images."""
     size = cfg.data.size
     vision = dict(image_size=size, patch_size=max(2, size // 8), hidden_size=128, intermediate_size=256,
                   num_hidden_layers=3, num_attention_heads=4, num_channels=3)
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=t.hidden_size)
+    return CLIPConfig(text_config=text_config(cfg.text, tokenizer).to_dict(), vision_config=vision,
+                      projection_dim=cfg.text.hidden_size)
 
 
 def train_clip(cfg: ExperimentConfig, out: str | Path, *, steps: int = 3000, batch_size: int = 256, lr: float = 1e-3,
@@ -40,8 +37,7 @@ def train_clip(cfg: ExperimentConfig, out: str | Path, *, steps: int = 3000, bat
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     dataset = build_dataset(cfg.data)
-    tokenizer = text_mod.build_tokenizer(dataset_captions(dataset, cfg.text.vocab_captions), out,
-                                         max_length=cfg.text.max_length)
+    tokenizer = learn_tokenizer(cfg, out, dataset)
     model = CLIPModel(clip_config(cfg, tokenizer)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=max(1, steps // 20), num_training_steps=steps)

@@ -75,3 +75,16 @@ def test_build_starts_from_model_pretrained(tmp_path, tiny_pipe):
     for name in ("unet", "text_encoder"):
         a, b = getattr(tiny_pipe, name).state_dict(), getattr(built, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_train_clip_then_build_with_that_text_encoder(tmp_path):
+    from transformers import CLIPTextModel
+
+    clip, built = str(tmp_path / "clip"), str(tmp_path / "built")
+    assert main(["train-clip", "configs/tiny.yaml", "-o", clip, "--steps", "2", "--batch-size", "8",
+                 "text.vocab_captions=200"]) == 0
+    assert main(["build", "configs/tiny.yaml", "-o", built, f"text.pretrained={clip}"]) == 0
+    pipe = DiffXAttnPipeline.from_pretrained(built)
+    saved = CLIPTextModel.from_pretrained(clip).state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in pipe.text_encoder.state_dict().items())
+    assert pipe.text_encoder.config.hidden_size == 32 and pipe.tokenizer.model_max_length == 16

@@ -301,3 +301,26 @@ def test_model_pretrained_starts_from_a_saved_unet_and_refuses_another_architect
     assert train(tmp_path / "ft", f"model.pretrained={saved}", f"text.pretrained={saved}", "text.train=false",
                  "train.max_steps=1", "logging.validate_every=100") == 0
     assert train(tmp_path / "bad", f"model.pretrained={tmp_path / 'nowhere'}") == 2
+
+
+def test_diffxattn_train_is_the_same_trainer(runs, tmp_path):
+    """`diffxattn train CONFIG [overrides]` trains exactly as `accelerate launch -m diffxattn.train` does."""
+    from diffxattn.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["train", TINY, f"train.output_dir={out}", *QUIET, *RESUME_ARGS]) == 0
+    weights = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    assert max_diff(load_file(runs[0] / weights), load_file(out / weights)) == 0
+    assert main(["train", TINY, f"train.output_dir={out}", "--resme", "latest"]) == 2  # a typo is no override
+
+
+def test_one_override_parser_reads_every_spelling():
+    from diffxattn.config import overrides_from_argv
+
+    argv = ["--train.lr", "3e-4", "data.size=16", "--resume", "latest", "--logging.log_every=2", "--train.seed", "-1"]
+    args = T.parse_args([TINY, *argv])
+    assert args.config == TINY and args.resume == "latest"
+    expected = ["train.lr=3e-4", "data.size=16", "logging.log_every=2", "train.seed=-1"]
+    assert args.overrides == expected == overrides_from_argv([a for a in argv if a not in ("--resume", "latest")])
+    with pytest.raises(SystemExit):
+        T.parse_args([TINY, "--resme", "latest"])

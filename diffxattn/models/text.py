@@ -111,10 +111,10 @@ def build_tokenizer(captions: list[str], save_dir: str | os.PathLike, max_length
     return tokenizer
 
 
-def build_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
-                       intermediate_size: int | None = None, seed: int | None = 0) -> CLIPTextModel:
-    """A small randomly initialised CLIPTextModel matching `tokenizer` (vocab, special ids, max length)."""
-    config = CLIPTextConfig(
+def text_encoder_config(tokenizer: CLIPTokenizer, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
+                        intermediate_size: int | None = None) -> CLIPTextConfig:
+    """A small CLIPTextModel's config matching `tokenizer` (vocab, special ids, max length)."""
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 4 * hidden_size,
@@ -126,6 +126,12 @@ def build_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 128, num_lay
         pad_token_id=tokenizer.pad_token_id,
         projection_dim=hidden_size,
     )
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
+                       intermediate_size: int | None = None, seed: int | None = 0) -> CLIPTextModel:
+    """A small randomly initialised CLIPTextModel matching `tokenizer` (vocab, special ids, max length)."""
+    config = text_encoder_config(tokenizer, hidden_size, num_layers, num_heads, intermediate_size)
     if seed is not None:
         torch.manual_seed(seed)
     return CLIPTextModel(config)
