@@ -1,8 +1,9 @@
 """The one attention-control mechanism: a processor that hands attention probabilities to controllers.
 
-Works on any UNet whose attention layers are diffusers `Attention` modules (XAttnUNet and
+Works on any pipeline whose UNet's attention layers are diffusers `Attention` modules (XAttnUNet and
 `UNet2DConditionModel`): installing swaps the `processor` of every attention layer for a
-`ControlledProcessor`, and uninstalling puts the original processors back.
+`ControlledProcessor` and hooks the scheduler, which tells the controllers when a run starts and a step
+ends (`steps.StepClock`); uninstalling puts everything back (`PipelineHooks`).
 
 For each attention call the processor builds an `AttnCall` (layer name, block, resolution, step,
 heads, which batch rows are conditional) and asks each controller whether it `wants` the call:
