@@ -24,7 +24,6 @@ import torch
 from .models import text as text_mod
 from .prompt_syntax import parse_weights
 
-
 # ---------------------------------------------------------------------------------------------
 # Word <-> token alignment
 # ---------------------------------------------------------------------------------------------

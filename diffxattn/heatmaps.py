@@ -24,6 +24,7 @@ from .control.store import AttentionStore, word_keys
 from .images import labelled_grid, overlay
 from .viewer import write_viewer
 
+
 def safe_filename(word: str, index: int) -> str:
     """A file name for the index-th word that cannot leave the output folder or hit reserved names."""
     text = unicodedata.normalize("NFKD", word).encode("ascii", "ignore").decode()

@@ -153,17 +153,9 @@ class DiffXAttnPipeline(DiffusionPipeline):
             raise ValueError(f"got {len(generator)} generators for {len(prompts) * num_images_per_prompt} images")
         device = self._execution_device
 
-        if prompt_embeds is None:
-            prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts)
-        if prompt_attention_mask is None:
-            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.bool, device=prompt_embeds.device)
-        prompt_embeds, prompt_attention_mask = self._repeat(prompt_embeds, prompt_attention_mask, num_images_per_prompt)
-        if self.do_classifier_free_guidance:
-            if negative_prompt_embeds is None:
-                negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(negative or [""] * len(prompts))
-            uncond = self._repeat(negative_prompt_embeds, negative_prompt_attention_mask, num_images_per_prompt)
-            prompt_embeds = torch.cat([uncond[0], prompt_embeds])  # (2B, S, D): negative rows, then conditional
-            prompt_attention_mask = torch.cat([uncond[1], prompt_attention_mask])
+        prompt_embeds, prompt_attention_mask = self._text_input(
+            prompts, negative, num_images_per_prompt, (prompt_embeds, prompt_attention_mask),
+            (negative_prompt_embeds, negative_prompt_attention_mask))
 
         batch = len(prompts) * num_images_per_prompt
         shape = (batch, self.unet.config.in_channels, height, width)
@@ -177,7 +169,8 @@ class DiffXAttnPipeline(DiffusionPipeline):
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             x_in = self.scheduler.scale_model_input(latents, t)
             if self.do_classifier_free_guidance:
-                pred_u, pred_c = self._predict(torch.cat([x_in, x_in]), t, prompt_embeds, prompt_attention_mask).chunk(2)
+                x2 = torch.cat([x_in, x_in])  # negative rows, then conditional ones, as in prompt_embeds
+                pred_u, pred_c = self._predict(x2, t, prompt_embeds, prompt_attention_mask).chunk(2)
                 pred = pred_u + self._guidance_scale * (pred_c - pred_u)
             else:
                 pred = self._predict(x_in, t, prompt_embeds, prompt_attention_mask)
@@ -193,6 +186,21 @@ class DiffXAttnPipeline(DiffusionPipeline):
         images = self.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _text_input(self, prompts: list[str], negative: list[str] | None, n: int, given: tuple,
+                    negative_given: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's text input: embeddings (B, S, D) and key mask (B, S), each prompt's rows repeated for its
+        n images; under classifier-free guidance the negative rows first, then the conditional ones (the layout
+        Stable Diffusion's step callbacks see too). `given`: (embeds, mask) passed in, encoded when None."""
+        embeds, mask = given if given[0] is not None else self.encode_prompt(prompts)
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        embeds, mask = self._repeat(embeds, mask, n)
+        if not self.do_classifier_free_guidance:
+            return embeds, mask
+        neg = negative_given if negative_given[0] is not None else self.encode_prompt(negative or [""] * len(prompts))
+        neg_embeds, neg_mask = self._repeat(*neg, n)
+        return torch.cat([neg_embeds, embeds]), torch.cat([neg_mask, mask])
 
     def _step_tensor_inputs(self, callback, names: list[str] | None) -> list[str]:
         """The tensors a step callback sees: its own `tensor_inputs` (diffusers' PipelineCallback), the names

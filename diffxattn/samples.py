@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .control import AttentionStore
+from .control import AttentionStore, StepRange
 from .generation import edit, generate
 from .heatmaps import export
 from .images import labelled_grid
@@ -24,7 +24,7 @@ GALLERY = [
     "a yellow triangle right of a blue diamond", "a small orange circle below a large green square",
     "a red triangle at the top", "a blue circle at the right",  # the last two are held-out combinations
 ]
-FEATURES = {"feature_replace": (0, 0.8)}
+FEATURES = {"feature_replace": StepRange.fraction(0, 0.8)}
 EDITS = [  # (source, target, edit options)
     ("a red circle at the left", "a blue circle at the left", {}),
     ("a red circle at the left", "a blue circle at the left", FEATURES),
@@ -95,7 +95,7 @@ def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | No
     cells = []
     for source, target, options in EDITS:
         src, tgt = edit(pipe, source, target, seed=seed, **options)
-        how = f"edit, features {options['feature_replace'][1]:g}" if options else "edit"
+        how = f"edit, features {options['feature_replace'].end:g}" if options else "edit"
         cells += [(f"source: {source}", src), (f"{how}: {target}", tgt)]
     labelled_grid(cells, columns=4).save(out / "edits.png")
     written.append(out / "edits.png")

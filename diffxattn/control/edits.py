@@ -53,7 +53,8 @@ class AttentionReweight(ControllerContext):
         return out
 
 
-def token_mapper(tokenizer, source: str | TokenizedPrompt, target: str | TokenizedPrompt) -> tuple[torch.Tensor, bool]:
+def token_mapper(tokenizer, source: str | TokenizedPrompt, target: str | TokenizedPrompt
+                 ) -> tuple[torch.Tensor, bool]:
     """For each target token position, the source position whose attention it takes (-1: its own).
 
     Same number of tokens -> a word swap (position j takes source position j). Otherwise -> refine:
@@ -91,9 +92,10 @@ class PromptToPrompt(ControllerContext):
 
     edits = True
 
-    def __init__(self, pipe, source: str | TokenizedPrompt, target: str | TokenizedPrompt, *, cross_replace=StepRange.fraction(0, 0.8),
-                 self_replace=StepRange.fraction(0, 0.4), feature_replace=StepRange.fraction(0, 0),
-                 feature_layers=FEATURE_LAYERS, weights: dict[str, float] | None = None):
+    def __init__(self, pipe, source: str | TokenizedPrompt, target: str | TokenizedPrompt, *,
+                 cross_replace=StepRange.fraction(0, 0.8), self_replace=StepRange.fraction(0, 0.4),
+                 feature_replace=StepRange.fraction(0, 0), feature_layers=FEATURE_LAYERS,
+                 weights: dict[str, float] | None = None):
         super().__init__(pipe)
         modules = dict(pipe.unet.named_modules())
         unknown = [name for name in feature_layers if name not in modules]
@@ -153,7 +155,8 @@ class PromptToPrompt(ControllerContext):
         cs = call.cond_start
         src, tgt = probs[cs], probs[cs + 1]  # (heads, N, S)
         if call.cross:
-            replace = torch.tensor([r.contains(call.step, call.num_steps) for r in self.cross_ranges], device=probs.device)
+            replace = torch.tensor([r.contains(call.step, call.num_steps) for r in self.cross_ranges],
+                                   device=probs.device)
             replace &= self.mapper >= 0
             taken = src[..., self.mapper.clamp_min(0)]  # the source's column for each target token
             new = torch.where(replace, taken, tgt) * self.token_weights.to(probs)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..control.steps import StepRange
 from ..control.store import AttentionStore, word_keys
 from ..data.shapes import ShapesConfig
 from ..generation import edit, generate
@@ -32,9 +33,10 @@ DEFAULT_GUIDANCE = (1.0, 2.0, 3.0, 5.0)
 QUICK_GUIDANCE = (1.0, 3.0)
 REWEIGHTS = (0.5, 0.75, 1.0, 1.5, 2.0)
 REWEIGHT_MODES = ("attention", "embedding")
-SWAP_FEATURES = (0, 0.8)  # feature_replace of the "_features" swaps
+SWAP_FEATURES = StepRange.fraction(0, 0.8)  # feature_replace of the "_features" swaps
 SWAPS = {f"{attribute}_swap{suffix}": (attribute, features) for attribute in ("color", "shape")
-         for suffix, features in (("", (0, 0)), ("_features", SWAP_FEATURES))}  # name: (attribute, feature_replace)
+         for suffix, features in (("", StepRange.fraction(0, 0)), ("_features", SWAP_FEATURES))}
+# SWAPS: name -> (attribute, feature_replace)
 _QUICK_MAX_STEPS = 10
 
 
@@ -139,7 +141,7 @@ def _edit_metrics(pipe, prompts: list[str], seeds, *, scale: float, steps: int, 
         **{name: {"n": len(rows), **{k: metrics.mean_or_none(r[k] for r in rows) for k in rows[0]},
                   "mask_iou_n": sum(r["mask_iou"] is not None for r in rows)}
            for name, rows in swaps.items()},
-        "swap_feature_replace": list(SWAP_FEATURES),
+        "swap_feature_replace": [SWAP_FEATURES.start, SWAP_FEATURES.end],
         "reweight": {mode: _reweight_summary(weights, strengths[mode], rhos[mode]) for mode in REWEIGHT_MODES},
         "local_blend": {"n": len(blends),
                         **{k: metrics.mean_or_none(b[k] for b in blends)
