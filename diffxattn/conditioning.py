@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .models import text as text_mod
-from .prompt_syntax import parse_weights
+from .prompt_syntax import WeightedSpan, parse_weights
 
 # ---------------------------------------------------------------------------------------------
 # Word <-> token alignment
@@ -110,15 +110,16 @@ class TokenizedPrompt:
     dropped: list[str]  # words with a token past the window: truncation cuts them (or their end) off
 
     @classmethod
-    def of(cls, tokenizer, prompt: str | TokenizedPrompt) -> TokenizedPrompt:
-        """Parse and tokenize `prompt` once (a TokenizedPrompt is returned as it is).
+    def of(cls, tokenizer, prompt: str | TokenizedPrompt, *, syntax: bool = True) -> TokenizedPrompt:
+        """Parse and tokenize `prompt` once (a TokenizedPrompt is returned as it is); `syntax=False`: the
+        text as the tokenizer sees it, brackets and all (what a pipeline's `encode_prompt` gets).
 
         Each word's tokens all take the weight of the span holding the word's *first character*:
         "(cr)imson" weights every token of "crimson" 1.1.
         """
         if isinstance(prompt, TokenizedPrompt):
             return prompt
-        spans = parse_weights(prompt)
+        spans = parse_weights(prompt) if syntax else [WeightedSpan(prompt, 1.0)]
         clean = "".join(span.text for span in spans)
         char_weights = [span.weight for span in spans for _ in span.text]
         size = tokenizer.model_max_length
@@ -186,9 +187,10 @@ class PromptTooLongError(ValueError):
     """A prompt has more tokens than the text encoder reads (raised instead of a warning when strict)."""
 
 
-def dropped_words(tokenizer, prompt: str) -> list[str]:
-    """The words of `prompt` that do not fit into the encoder's max length (BOS and EOS included)."""
-    return TokenizedPrompt.of(tokenizer, prompt).dropped
+def dropped_words(tokenizer, text: str) -> list[str]:
+    """The words of `text` (read as is, no weight syntax) that do not fit into the encoder's max length (BOS and
+    EOS included)."""
+    return TokenizedPrompt.of(tokenizer, text, syntax=False).dropped
 
 
 def check_length(tokenizer, prompts: list[str], strict: bool = False) -> None:

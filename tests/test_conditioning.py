@@ -52,3 +52,10 @@ def test_old_module_and_class_names_still_import():
     assert prompts.Run is prompt_syntax.WeightedSpan and prompts.parse_weights is prompt_syntax.parse_weights
     assert prompts.word_token_map is importlib.import_module("diffxattn.conditioning").word_token_map
     assert AttnProcessor is SDPAProcessor
+
+
+def test_text_without_syntax_keeps_its_brackets(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    raw = TokenizedPrompt.of(tok, "a [red circle", syntax=False)  # what encode_prompt gets: no weight syntax
+    assert raw.clean == "a [red circle" and raw.ids == tok("a [red circle").input_ids and raw.word_weights() == {}
+    assert TokenizedPrompt.of(tok, "a [red] circle").word_weights() == {"red": pytest.approx(1 / 1.1, abs=1e-6)}

@@ -200,3 +200,17 @@ def test_a_user_callback_and_a_prompt_schedule_both_take_effect(which, request):
     assert calls == [0, 1, 2, 3] * 2
     assert not np.allclose(both, schedule_only)  # the callback acted...
     assert not np.allclose(both, red_and_callback)  # ...and so did the schedule
+
+
+def test_edit_runs_a_user_callback_after_local_blend_on_stable_diffusion(sd_pipe):
+    seen = []
+
+    def record(pipe, step, timestep, tensors):  # the user's callback sees the latents local blend left
+        seen.append(tensors["latents"].clone())
+
+    result = edit(sd_pipe, "a red circle", "a blue circle", local_blend=["red", "blue"], blend_threshold=0.99,
+                  callback_on_step_end=record, num_inference_steps=4, guidance_scale=5.0, output_type="latent")
+    assert len(seen) == 4 and torch.equal(seen[-1], torch.stack(list(result)))
+    outside = ~result.mask[::2, ::2]  # the image-size mask back at the 8x8 latents (vae_scale_factor 2)
+    assert result.mask.shape == (16, 16) and outside.any() and not outside.all()
+    assert torch.equal(seen[-1][1][:, outside], seen[-1][0][:, outside])

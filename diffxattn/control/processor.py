@@ -209,8 +209,9 @@ class PipelineHooks:
         n = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
         lh, lw = self.shape.latent_hw
         factor = max(1, round((lh * lw / n) ** 0.5))  # how much this layer is down-sampled
+        step = min(self.clock.step, self.clock.num_steps - 1)  # a UNet call after the last step stays in the run
         return AttnCall(layer=name, block=block_of(name), cross=attn.is_cross_attention, height=lh // factor,
-                        width=lw // factor, step=min(self.clock.step, self.clock.num_steps - 1),
+                        width=lw // factor, step=step,
                         num_steps=self.clock.num_steps, heads=attn.heads, batch=batch,
                         cond_start=batch // 2 if self.shape.cfg else 0, latent=(lh, lw))
 

@@ -116,10 +116,6 @@ class StepClock:
     def order(self) -> int:
         return getattr(self.scheduler, "order", 1)
 
-    @property
-    def fraction(self) -> float:
-        return self.step / max(self.num_steps, 1)
-
     def _run_started(self) -> None:
         self._total = len(self.scheduler.timesteps)
         self.step, self._calls = 0, 0
