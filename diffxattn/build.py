@@ -64,7 +64,7 @@ def build_unet(cfg: ModelConfig, cross_attention_dim: int, in_channels: int = 3)
             cross_attention_resolutions=cfg.cross_attention_resolutions,
             self_attention_resolutions=cfg.self_attention_resolutions, num_heads=cfg.num_heads,
             cross_attention_dim=cross_attention_dim, gated_cross_attention=cfg.gated_cross_attention,
-            query_pos_embed=cfg.query_pos_embed, ff_mult=cfg.ff_mult,
+            query_pos_embed=cfg.query_pos_embed, ff_mult=cfg.ff_mult, patch_size=cfg.patch_size,
         )
     levels = len(cfg.block_out_channels)
     attn = set(range(levels)) if cfg.diffusers_attention_levels is None else set(cfg.diffusers_attention_levels)
