@@ -24,6 +24,7 @@ from ..control.edits import LocalBlend, PromptToPrompt
 from ..control.store import AttentionStore, word_keys
 from ..data.shapes import ShapesConfig
 from ..editing import edit, generate
+from ..schedulers import scheduler_name
 from . import metrics
 from .detector import detect, score_prompt
 from .prompts import SET_NAMES, color_swap, first_object, prompt_set, prompt_sets, reweighted, shape_swap
@@ -74,7 +75,8 @@ class _HeatmapTally:
 
 
 def _score_set(pipe, prompts: list[str], seeds, *, scale: float, steps: int, batch_size: int,
-               heat: _HeatmapTally | None = None, progress: bool = False, desc: str = "") -> list[dict]:
+               heat: _HeatmapTally | None = None, progress: bool = False, desc: str = "",
+               sampling: dict | None = None) -> list[dict]:
     """Generate every prompt x seed (batched), detect, score; with `heat`, also tally heatmap IoUs."""
     items = [(p, s) for p in prompts for s in seeds]
     scores = []
@@ -82,7 +84,7 @@ def _score_set(pipe, prompts: list[str], seeds, *, scale: float, steps: int, bat
         batch = items[start:start + batch_size]
         texts = [p for p, _ in batch]
         kwargs = dict(num_inference_steps=steps, guidance_scale=scale, output_type="np",
-                      generator=_generators(s for _, s in batch))
+                      generator=_generators(s for _, s in batch), **(sampling or {}))
         if heat is None:
             images = metrics.to_uint8(pipe(texts, **kwargs).images)
         else:
@@ -177,7 +179,8 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
              guidance_scale: float | None = None, steps: int | None = None, sets=SET_NAMES,
              sizes: dict[str, int] | None = None, heatmaps: bool = True, edits: bool = True,
              edit_prompts: int | None = None, weights=REWEIGHTS, holdout=None, batch_size: int = 32,
-             thresholds=metrics.THRESHOLDS, pipeline: str | None = None, progress: bool = False) -> dict:
+             thresholds=metrics.THRESHOLDS, pipeline: str | None = None, progress: bool = False,
+             guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] = (0.0, 1.0)) -> dict:
     """Evaluate a pipeline on the fixed prompt sets; returns the JSON-ready report.
 
     seeds: images per prompt (seeds 0..n-1; default 4, quick 1). guidance_scales: the guidance curve
@@ -185,6 +188,7 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
     (default: the pipeline's). steps: denoising steps (default: the pipeline's; quick at most 10).
     sizes: prompts per set (default 64/64/32, quick 4 each). edit_prompts: single-object prompts edited
     (default 8, quick 2). holdout: the held-out pairs (default `ShapesConfig().holdout`).
+    guidance_rescale, guidance_interval: passed to the pipeline for the accuracy sets and the curve.
 
     >>> report = evaluate(pipe, quick=True)
     >>> report["sets"]["single"]["all"], report["guidance"]["3"]["two"]
@@ -203,6 +207,11 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
     if not seeds or not scales:
         raise ValueError(f"need >= 1 seed and >= 1 guidance scale; got {len(seeds)} seeds, scales {scales}")
     prompts = prompt_sets(tuple(sets), quick=quick, sizes=sizes, holdout=holdout)
+    sampling = {}
+    if guidance_rescale:
+        sampling["guidance_rescale"] = float(guidance_rescale)
+    if tuple(guidance_interval) != (0.0, 1.0):
+        sampling["guidance_interval"] = tuple(float(g) for g in guidance_interval)
 
     heat = _HeatmapTally(thresholds) if heatmaps else None
     by_scale: dict[float, dict[str, float]] = {}
@@ -212,7 +221,7 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
         for name, texts in prompts.items():
             scores = _score_set(pipe, texts, seeds, scale=scale, steps=steps, batch_size=batch_size,
                                 heat=heat if scale == main else None, progress=progress,
-                                desc=f"{name} g={scale:g}")
+                                desc=f"{name} g={scale:g}", sampling=sampling)
             summary = metrics.summarize(scores)
             by_scale[scale][name] = summary["all"]
             if scale == main:
@@ -221,7 +230,9 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
     report = {
         "pipeline": pipeline,
         "config": {"quick": quick, "seeds": len(seeds), "guidance_scale": main,
-                   "guidance_scales": list(scales), "steps": steps,
+                   "guidance_scales": list(scales), "steps": steps, "scheduler": scheduler_name(pipe.scheduler),
+                   "scheduler_config": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
+                   "guidance_rescale": float(guidance_rescale), "guidance_interval": list(guidance_interval),
                    "sizes": {k: len(v) for k, v in prompts.items()},
                    "image_size": pipe.unet.config.sample_size, "holdout": [list(p) for p in holdout],
                    "thresholds": list(thresholds), "heatmaps": heatmaps, "edits": edits,
