@@ -26,7 +26,7 @@ from ..data.shapes import ShapesConfig
 from ..editing import edit, generate
 from ..schedulers import scheduler_name
 from . import metrics
-from .detector import detect, score_prompt
+from .detector import detect, failure_of, score_prompt
 from .prompts import SET_NAMES, color_swap, first_object, prompt_set, prompt_sets, reweighted, shape_swap
 
 __all__ = ["evaluate", "format_report", "DEFAULT_GUIDANCE", "QUICK_GUIDANCE", "REWEIGHTS", "REWEIGHT_MODES"]
@@ -76,10 +76,11 @@ class _HeatmapTally:
 
 def _score_set(pipe, prompts: list[str], seeds, *, scale: float, steps: int, batch_size: int,
                heat: _HeatmapTally | None = None, progress: bool = False, desc: str = "",
-               sampling: dict | None = None) -> list[dict]:
-    """Generate every prompt x seed (batched), detect, score; with `heat`, also tally heatmap IoUs."""
+               sampling: dict | None = None) -> tuple[list[dict], list[str | None]]:
+    """Generate every prompt x seed (batched), detect, score; with `heat`, also tally heatmap IoUs.
+    Returns the scores and each image's first failed clause (`failure_of`)."""
     items = [(p, s) for p in prompts for s in seeds]
-    scores = []
+    scores, failures = [], []
     for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, leave=False):
         batch = items[start:start + batch_size]
         texts = [p for p, _ in batch]
@@ -93,9 +94,10 @@ def _score_set(pipe, prompts: list[str], seeds, *, scale: float, steps: int, bat
         for k, (text, image) in enumerate(zip(texts, images)):
             detections = detect(image)
             scores.append(score_prompt(text, detections, image.shape[0]))
+            failures.append(failure_of(text, detections, image.shape[0]))
             if heat is not None:
                 heat.add(store, k, text, detections)
-    return scores
+    return scores, failures
 
 
 def _blend_edit(pipe, source: str, target: str, words: list[str], seed: int, **kwargs):
@@ -219,10 +221,10 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
     for scale in dict.fromkeys([main, *scales]):  # the main scale first: it also captures heatmaps
         by_scale[scale] = {}
         for name, texts in prompts.items():
-            scores = _score_set(pipe, texts, seeds, scale=scale, steps=steps, batch_size=batch_size,
+            scores, failures = _score_set(pipe, texts, seeds, scale=scale, steps=steps, batch_size=batch_size,
                                 heat=heat if scale == main else None, progress=progress,
                                 desc=f"{name} g={scale:g}", sampling=sampling)
-            summary = metrics.summarize(scores)
+            summary = metrics.summarize(scores, failures)
             by_scale[scale][name] = summary["all"]
             if scale == main:
                 report_sets[name] = summary
@@ -262,6 +264,9 @@ def format_report(report: dict) -> str:
     for name, s in report["sets"].items():
         lines.append(f"{name:<9}{s['n']:>5}" + "".join(f"{_fmt(s['accuracy'].get(a), 9)}" for a in attrs)
                      + f"{_fmt(s['all'], 9)}")
+    for name, s in report["sets"].items():
+        if s.get("failures"):
+            lines.append(f"  {name} failures: " + ", ".join(f"{k} {v:.3f}" for k, v in s["failures"].items()))
     scales = list(report["guidance"])
     lines.append("")
     lines.append(f"{'guidance':<9}" + "".join(f"{'g=' + g:>9}" for g in scales))
