@@ -180,7 +180,8 @@ def cmd_train_clip(args) -> None:
     from .config import load_config, overrides_from_argv
 
     cfg = load_config(args.config, overrides_from_argv(args.overrides))
-    metrics = train_clip(cfg, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    metrics = train_clip(cfg, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         hard_negatives=args.hard_negatives)
     print(f"saved the CLIP text encoder to {args.out} ({metrics}); train with text.pretrained={args.out} text.train=false")
 
 
@@ -313,6 +314,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=3000)
     c.add_argument("--batch-size", type=int, default=256)
     c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--hard-negatives", action="store_true",
+                   help="NegCLIP: each image also competes with its caption's colors/shapes swapped or relation mirrored")
     c.set_defaults(func=cmd_train_clip)
 
     sm = sub.add_parser("samples", help="regenerate the sample images (gallery, heatmaps, edits, reweighting)")
