@@ -189,7 +189,8 @@ def cmd_samples(args) -> None:
     from .samples import make_samples
 
     pipe = load_pipeline(args.pipeline)
-    for path in make_samples(pipe, args.out, seed=args.seed, curve=args.curve, screenshot=not args.no_screenshot):
+    for path in make_samples(pipe, args.out, seed=args.seed, curve=args.curve, screenshot=not args.no_screenshot,
+                             guidance_reports=args.guidance_reports or []):
         print(path)
 
 
@@ -323,6 +324,8 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--curve", help="accuracy-vs-training-time JSON (from the run's checkpoints) to plot")
     sm.add_argument("--no-screenshot", action="store_true", help="skip the headless-Chromium viewer screenshot")
+    sm.add_argument("--guidance-reports", nargs="+", metavar="EVAL.json",
+                    help="`diffxattn eval` reports whose guidance curves to plot in guidance.png (one line each)")
     sm.add_argument("-o", "--out", default="samples")
     sm.set_defaults(func=cmd_samples)
 

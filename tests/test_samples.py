@@ -10,9 +10,14 @@ def test_samples_command_writes_every_picture_the_readme_shows(tiny_pipe, tmp_pa
     curve = tmp_path / "curve.json"
     curve.write_text(json.dumps([{"step": s, "minutes": m, "single": a, "two": a / 2, "heldout": None}
                                  for s, m, a in ((300, 15.0, 0.2), (600, 30.0, 0.5), (900, 45.0, 0.6))]))
-    written = make_samples(tiny_pipe, tmp_path / "samples", curve=curve, screenshot=False)
+    reports = []
+    for k, scheduler in enumerate(("ddim", "dpm-solver++")):
+        reports.append(tmp_path / f"{scheduler}.json")
+        reports[-1].write_text(json.dumps({"config": {"scheduler": scheduler, "steps": 30}, "sets": {"two": {}},
+                                           "guidance": {"1": {"two": 0.4}, "3": {"two": 0.5 + 0.1 * k}}}))
+    written = make_samples(tiny_pipe, tmp_path / "samples", curve=curve, screenshot=False, guidance_reports=reports)
     names = {p.relative_to(tmp_path / "samples").as_posix() for p in written}
-    assert names == {"gallery.png", "heatmaps/grid.png", "edits.png", "reweight.png", "accuracy.png"}
+    assert names == {"gallery.png", "heatmaps/grid.png", "edits.png", "reweight.png", "accuracy.png", "guidance.png"}
     assert (tmp_path / "samples" / "heatmaps" / "index.html").is_file()
     sizes = {n: Image.open(tmp_path / "samples" / n).size for n in names}
     cell = 128
@@ -28,3 +33,8 @@ def test_samples_command_writes_every_picture_the_readme_shows(tiny_pipe, tmp_pa
     blue, orange = np.array([31, 119, 180]), np.array([255, 127, 14])  # the "single" and "two" series
     assert (chart == blue).all(-1).sum() > 50 and (chart == orange).all(-1).sum() > 50
     assert not (chart == np.array([44, 160, 44])).all(-1).any()  # "heldout" had no points: no line
+
+    guidance = np.asarray(Image.open(tmp_path / "samples" / "guidance.png").convert("RGB"))
+    assert guidance.shape == (360, 640, 3)  # one panel: only the "two" set was scored
+    plot = guidance[:, :640 - 170]
+    assert (plot == blue).all(-1).sum() > 20 and (plot == orange).all(-1).sum() > 20  # one line per report
