@@ -149,5 +149,6 @@ def test_failure_names_the_first_failed_clause():
     assert failure_of(prompt, [det("red", "circle", 8), det("green", "square", 24)], 32) == "color missing"
     assert failure_of(prompt, [det("red", "square", 8), det("blue", "circle", 24)], 32) == "colors bound to swapped shapes"
     assert failure_of(prompt, [det("red", "circle", 8), det("blue", "triangle", 24)], 32) == "wrong shape"
+    assert failure_of(prompt, [det("red", None, 8), det("blue", "square", 24)], 32) == "wrong shape"  # unclassified
     assert failure_of(prompt, [det("blue", "square", 8), det("red", "circle", 24)], 32) == "wrong relation"
     assert failure_of("a red circle at the left", [det("red", "circle", 24)], 32) == "wrong position"

@@ -18,6 +18,7 @@ The pipeline, and why each step is robust to what a diffusion model draws:
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -219,9 +220,9 @@ def failure_of(caption: str, detections: list[Detection], size: int) -> str | No
     if not scores["color"]:
         return "color missing"
     if not scores["shape"]:
-        by_color = {d.color: d.shape for d in detections}
-        drawn = sorted(by_color[o["color"]] for o in objects)
-        return "colors bound to swapped shapes" if drawn == sorted(o["shape"] for o in objects) else "wrong shape"
+        by_color = {d.color: d.shape for d in detections}  # a detection's shape may be None (unclassified)
+        drawn = Counter(by_color[o["color"]] for o in objects)
+        return "colors bound to swapped shapes" if drawn == Counter(o["shape"] for o in objects) else "wrong shape"
     for clause in ("size", "position", "relation"):
         if not scores.get(clause, True):
             return f"wrong {clause}"
