@@ -122,6 +122,6 @@ def make_pipeline(cfg: ExperimentConfig, unet, text_encoder, tokenizer) -> DiffX
     scheduler = make_scheduler(s.sampler, num_train_timesteps=s.num_train_timesteps,
                                beta_schedule=s.beta_schedule, prediction_type=s.prediction_type)
     pipe = DiffXAttnPipeline(unet, text_encoder, tokenizer, scheduler, default_steps=s.steps,
-                             default_guidance_scale=s.guidance_scale)
+                             default_guidance_scale=s.guidance_scale, default_guidance_interval=s.guidance_interval)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -213,7 +213,7 @@ def cmd_eval(args) -> None:
     pipe = load_pipeline(args.pipeline, args.scheduler, scheduler_options=args.scheduler_option or [])
     report = evaluate(pipe, quick=args.quick, seeds=args.seeds, guidance_scales=args.guidance,
                       guidance_scale=args.main_guidance, guidance_rescale=args.guidance_rescale,
-                      guidance_interval=guidance_interval(args.guidance_interval),
+                      guidance_interval=guidance_interval(args.guidance_interval) if args.guidance_interval else None,
                       steps=args.steps, sets=tuple(s.strip() for s in args.sets.split(",") if s.strip()),
                       heatmaps=not args.no_heatmaps, edits=not args.no_edits, edit_prompts=args.edit_prompts,
                       pipeline=args.pipeline or default_pipeline(), progress=sys.stderr.isatty())
@@ -302,7 +302,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--scheduler-option", nargs="+", metavar="KEY=VALUE",
                    help="change scheduler settings, e.g. clip_sample=true timestep_spacing=trailing")
     v.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale factor (0: off)")
-    v.add_argument("--guidance-interval", default="0:1", help="guide only in this fraction of the steps, e.g. 0:0.6")
+    v.add_argument("--guidance-interval", help="guide only in this fraction of the steps, e.g. 0:0.5 (default: the "
+                   "pipeline's)")
     v.add_argument("--sets", default="single,two,heldout", help="comma-separated prompt sets")
     v.add_argument("--no-heatmaps", action="store_true", help="skip heatmap IoU")
     v.add_argument("--no-edits", action="store_true", help="skip the edit metrics")

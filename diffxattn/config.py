@@ -81,6 +81,7 @@ class SchedulerConfig:
     sampler: str = "ddim"  # scheduler saved with the pipeline, used for validation and by default
     steps: int = 30
     guidance_scale: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # fractions of the steps that are guided
 
 
 @dataclass

@@ -56,11 +56,13 @@ class DiffXAttnPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet"
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler, default_steps: int = 30,
-                 default_guidance_scale: float = 1.0):
+                 default_guidance_scale: float = 1.0, default_guidance_interval: tuple[float, float] = (0.0, 1.0)):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-        self.register_to_config(default_steps=default_steps, default_guidance_scale=default_guidance_scale)
+        self.register_to_config(default_steps=default_steps, default_guidance_scale=default_guidance_scale,
+                                default_guidance_interval=list(default_guidance_interval))
         self._guidance_scale = default_guidance_scale
+        self._guiding = True  # False during the steps outside the guidance interval
         self.strict = False  # True: a prompt longer than the text encoder's window is an error, not a warning
 
     @classmethod
@@ -77,7 +79,9 @@ class DiffXAttnPipeline(DiffusionPipeline):
     # -- properties the attention tools read (same names as diffusers' StableDiffusionPipeline) --
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
+        """Whether the UNet's batch has unconditional rows (first half) now: guidance > 1, and, while sampling,
+        the current step inside the guidance interval. Controllers read it to find the conditional rows."""
+        return self._guidance_scale > 1.0 and self._guiding
 
     @property
     def downsample_factor(self) -> int:
@@ -117,7 +121,7 @@ class DiffXAttnPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
-        guidance_interval: tuple[float, float] = (0.0, 1.0),
+        guidance_interval: tuple[float, float] | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
@@ -137,12 +141,15 @@ class DiffXAttnPipeline(DiffusionPipeline):
         `generator` may be a list with one generator per image, so an image's bits do not depend on its batch.
         `guidance_rescale` (0..1) rescales the guided prediction towards the conditional one's standard deviation
         (Lin et al. 2023); `guidance_interval=(a, b)` applies guidance only in that fraction of the steps (the
-        conditional prediction alone elsewhere, at half the cost; Kynkäänniemi et al. 2024).
+        conditional prediction alone elsewhere, at half the cost; Kynkäänniemi et al. 2024). `None` means the
+        pipeline's default (steps, guidance scale and interval are saved in its config).
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r}; expected 'pil', 'np' or 'pt'")
         steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
         self._guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
+        if guidance_interval is None:
+            guidance_interval = tuple(self.config.get("default_guidance_interval", (0.0, 1.0)))
         size = self.unet.config.sample_size
         height = size if height is None else height
         width = size if width is None else width
@@ -179,7 +186,8 @@ class DiffXAttnPipeline(DiffusionPipeline):
             step_cond = step_prompt_embeds(i) if step_prompt_embeds is not None else None
             c_emb, c_mask = self._repeat(*step_cond, num_images_per_prompt) if step_cond is not None else cond
             x_in = self.scheduler.scale_model_input(latents, t)
-            if uncond is not None and guidance_interval[0] <= i / len(self.scheduler.timesteps) < guidance_interval[1]:
+            self._guiding = guidance_interval[0] <= i / len(self.scheduler.timesteps) < guidance_interval[1]
+            if uncond is not None and self._guiding:
                 emb, mask = torch.cat([uncond[0], c_emb]), torch.cat([uncond[1], c_mask])
                 pred_u, pred_c = self._predict(torch.cat([x_in, x_in]), t, emb, mask).chunk(2)
                 pred = pred_u + self._guidance_scale * (pred_c - pred_u)
@@ -193,6 +201,7 @@ class DiffXAttnPipeline(DiffusionPipeline):
                 if out and "latents" in out:
                     latents = out["latents"]
 
+        self._guiding = True
         images = self.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)

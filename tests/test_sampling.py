@@ -120,3 +120,33 @@ def test_load_pipeline_applies_scheduler_options(tiny_pipe, tmp_path):
     pipe = load_pipeline(str(tmp_path / "p"), "euler", scheduler_options=["timestep_spacing=trailing"])
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     assert pipe.scheduler.config.timestep_spacing == "trailing"
+
+
+def test_attention_tools_work_when_guidance_stops_part_way(tiny_pipe):
+    """With a guidance interval the batch halves after it: capture stays exact and sees every step, and a
+    prompt-to-prompt edit's source is the plain image."""
+    from diffxattn.control import AttentionStore
+    from diffxattn.editing import edit
+
+    pipe = _pipe(tiny_pipe, make_scheduler("ddim"))
+    kw = dict(guidance_scale=3.0, guidance_interval=(0.0, 0.5), num_inference_steps=4, output_type="pt")
+    plain = pipe("a red circle at the left", generator=seeded(0), **kw).images
+    with AttentionStore(pipe, step_bins=4) as store:
+        captured = pipe("a red circle at the left", generator=seeded(0), **kw).images
+    assert torch.equal(plain, captured)
+    maps = store.word_maps()
+    assert set(maps) >= {"red", "circle"} and all(torch.isfinite(m).all() for m in maps.values())
+    source, edited = edit(pipe, "a red circle at the left", "a blue circle at the left", **kw)
+    torch.testing.assert_close(source, plain[0], atol=1e-5, rtol=0)  # a batch of 2: last-bit differences only
+    assert (edited - plain[0]).abs().max() > 0.01
+
+
+def test_the_pipeline_saves_its_guidance_interval(tiny_pipe, tmp_path):
+    pipe = DiffXAttnPipeline(tiny_pipe.unet, tiny_pipe.text_encoder, tiny_pipe.tokenizer, make_scheduler("ddim"),
+                             default_steps=4, default_guidance_scale=3.0, default_guidance_interval=(0.0, 0.5))
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = load_pipeline(str(tmp_path / "p"))
+    assert loaded.config.default_guidance_interval == [0.0, 0.5] and loaded.config.default_guidance_scale == 3.0
+    with _CountRows(loaded.unet) as calls:
+        loaded("a red circle", generator=seeded(0))
+    assert calls.rows == [2, 2, 1, 1]

@@ -182,7 +182,7 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
              sizes: dict[str, int] | None = None, heatmaps: bool = True, edits: bool = True,
              edit_prompts: int | None = None, weights=REWEIGHTS, holdout=None, batch_size: int = 32,
              thresholds=metrics.THRESHOLDS, pipeline: str | None = None, progress: bool = False,
-             guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] = (0.0, 1.0)) -> dict:
+             guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None) -> dict:
     """Evaluate a pipeline on the fixed prompt sets; returns the JSON-ready report.
 
     seeds: images per prompt (seeds 0..n-1; default 4, quick 1). guidance_scales: the guidance curve
@@ -190,7 +190,8 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
     (default: the pipeline's). steps: denoising steps (default: the pipeline's; quick at most 10).
     sizes: prompts per set (default 64/64/32, quick 4 each). edit_prompts: single-object prompts edited
     (default 8, quick 2). holdout: the held-out pairs (default `ShapesConfig().holdout`).
-    guidance_rescale, guidance_interval: passed to the pipeline for the accuracy sets and the curve.
+    guidance_rescale, guidance_interval: passed to the pipeline for the accuracy sets and the curve (interval
+    default: the pipeline's).
 
     >>> report = evaluate(pipe, quick=True)
     >>> report["sets"]["single"]["all"], report["guidance"]["3"]["two"]
@@ -209,11 +210,11 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
     if not seeds or not scales:
         raise ValueError(f"need >= 1 seed and >= 1 guidance scale; got {len(seeds)} seeds, scales {scales}")
     prompts = prompt_sets(tuple(sets), quick=quick, sizes=sizes, holdout=holdout)
-    sampling = {}
+    if guidance_interval is None:
+        guidance_interval = pipe.config.get("default_guidance_interval", (0.0, 1.0))
+    sampling = {"guidance_interval": tuple(float(g) for g in guidance_interval)}
     if guidance_rescale:
         sampling["guidance_rescale"] = float(guidance_rescale)
-    if tuple(guidance_interval) != (0.0, 1.0):
-        sampling["guidance_interval"] = tuple(float(g) for g in guidance_interval)
 
     heat = _HeatmapTally(thresholds) if heatmaps else None
     by_scale: dict[float, dict[str, float]] = {}
@@ -234,7 +235,7 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
         "config": {"quick": quick, "seeds": len(seeds), "guidance_scale": main,
                    "guidance_scales": list(scales), "steps": steps, "scheduler": scheduler_name(pipe.scheduler),
                    "scheduler_config": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
-                   "guidance_rescale": float(guidance_rescale), "guidance_interval": list(guidance_interval),
+                   "guidance_rescale": float(guidance_rescale), "guidance_interval": list(sampling["guidance_interval"]),
                    "sizes": {k: len(v) for k, v in prompts.items()},
                    "image_size": pipe.unet.config.sample_size, "holdout": [list(p) for p in holdout],
                    "thresholds": list(thresholds), "heatmaps": heatmaps, "edits": edits,
