@@ -55,8 +55,10 @@ class DiffXAttnPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->unet"
 
+    # default_guidance_interval is annotated as a union: diffusers' loader warns about a plain tuple annotation
     def __init__(self, unet, text_encoder, tokenizer, scheduler, default_steps: int = 30,
-                 default_guidance_scale: float = 1.0, default_guidance_interval: tuple[float, float] = (0.0, 1.0)):
+                 default_guidance_scale: float = 1.0,
+                 default_guidance_interval: tuple[float, float] | list[float] = (0.0, 1.0)):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(default_steps=default_steps, default_guidance_scale=default_guidance_scale,
