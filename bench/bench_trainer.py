@@ -105,7 +105,8 @@ def readme_command(out: str, s: dict) -> list[float]:
     """images/s of each step after the warm-up of the README's train command, as a user launches it."""
     steps = s["warmup"] + s["repeats"]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    cmd = ["accelerate", "launch", "-m", "diffxattn.train", str(common.CONFIG), f"train.output_dir={out}",
+    # `accelerate launch`, run by this interpreter (its console script may not be on PATH)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", "diffxattn.train", str(common.CONFIG), f"train.output_dir={out}",
            f"train.max_steps={steps}", f"train.batch_size={s['batch']}", f"text.vocab_captions={s['vocab_captions']}",
            "logging.validate_every=1000000", "train.checkpoint_every=1000000", "logging.log_every=1"]
     subprocess.run(cmd, env=env, cwd=common.ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

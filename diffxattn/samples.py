@@ -83,6 +83,14 @@ def _seed(s: int) -> torch.Generator:
     return torch.Generator().manual_seed(s)
 
 
+def guidance_curve(report: dict, name: str) -> list[tuple[float, float]]:
+    """(guidance scale, all-correct) of one prompt set of an eval report: its guidance curve plus its main scale
+    (scored in its "sets"), sorted by scale."""
+    curve = {float(g): v[name] for g, v in report["guidance"].items()}
+    curve.setdefault(float(report["config"]["guidance_scale"]), report["sets"][name]["all"])
+    return sorted(curve.items())
+
+
 def guidance_chart(reports: list[dict]) -> Image.Image:
     """All-correct accuracy against the guidance scale: one panel per prompt set, one line per eval report
     (labelled with its sampler and settings)."""
@@ -98,7 +106,7 @@ def guidance_chart(reports: list[dict]) -> Image.Image:
         return " ".join(words)
 
     names = [n for n in ("single", "two", "heldout") if any(n in r["sets"] for r in reports)]
-    panels = [line_chart({label(r): [(float(g), v[name]) for g, v in r["guidance"].items()] for r in reports},
+    panels = [line_chart({label(r): guidance_curve(r, name) for r in reports},
                          f"{name}: all-correct vs guidance", "guidance scale") for name in names]
     canvas = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
     for k, panel in enumerate(panels):

@@ -3,7 +3,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from diffxattn.samples import EDITS, GALLERY, REWEIGHT, make_samples
+from diffxattn.samples import EDITS, GALLERY, REWEIGHT, guidance_curve, make_samples
 
 
 def test_samples_command_writes_every_picture_the_readme_shows(tiny_pipe, tmp_path):
@@ -13,7 +13,8 @@ def test_samples_command_writes_every_picture_the_readme_shows(tiny_pipe, tmp_pa
     reports = []
     for k, scheduler in enumerate(("ddim", "dpm-solver++")):
         reports.append(tmp_path / f"{scheduler}.json")
-        reports[-1].write_text(json.dumps({"config": {"scheduler": scheduler, "steps": 30}, "sets": {"two": {}},
+        reports[-1].write_text(json.dumps({"config": {"scheduler": scheduler, "steps": 30, "guidance_scale": 4.0},
+                                           "sets": {"two": {"all": 0.55}},
                                            "guidance": {"1": {"two": 0.4}, "3": {"two": 0.5 + 0.1 * k}}}))
     written = make_samples(tiny_pipe, tmp_path / "samples", curve=curve, screenshot=False, guidance_reports=reports)
     names = {p.relative_to(tmp_path / "samples").as_posix() for p in written}
@@ -38,3 +39,11 @@ def test_samples_command_writes_every_picture_the_readme_shows(tiny_pipe, tmp_pa
     assert guidance.shape == (360, 640, 3)  # one panel: only the "two" set was scored
     plot = guidance[:, :640 - 170]
     assert (plot == blue).all(-1).sum() > 20 and (plot == orange).all(-1).sum() > 20  # one line per report
+
+
+def test_guidance_curve_adds_the_reports_main_scale_in_order():
+    report = {"config": {"guidance_scale": 4.0}, "sets": {"two": {"all": 0.59}},
+              "guidance": {"5": {"two": 0.55}, "1": {"two": 0.44}, "3": {"two": 0.58}}}
+    assert guidance_curve(report, "two") == [(1.0, 0.44), (3.0, 0.58), (4.0, 0.59), (5.0, 0.55)]
+    report["guidance"]["4"] = {"two": 0.6}  # a scale in both: the curve's own point is kept
+    assert guidance_curve(report, "two")[2] == (4.0, 0.6)
