@@ -174,3 +174,18 @@ def test_trainer_bench_compares_the_readme_command_with_a_bare_loop(tmp_path):
                                                    / data["bare_around_it_images_per_s"])
     md = (tmp_path / "trainer.md").read_text()
     assert "`accelerate launch -m diffxattn.train configs/shapes-32.yaml` (README)" in md and ">= 0.9x" in md
+
+
+def test_layouts_bench_compares_the_shipped_and_the_cpu_layout(tmp_path):
+    """bench_layouts: per config its parameters, FLOP per image of a training step, images/s; ratios against the
+    first config. The FLOP counts do not depend on the machine: the 2x2 patch stem costs less per image."""
+    data = run_quick("bench_layouts", tmp_path)
+    shipped, cpu = data["layouts"]["shapes-32"], data["layouts"]["shapes-32-cpu"]
+    assert data["reference"] == "shapes-32" and cpu["config"] == "configs/shapes-32-cpu.yaml"
+    assert shipped["parameters"] == 3_296_835 and cpu["parameters"] > shipped["parameters"]
+    assert 0.5 < cpu["gflop_per_image"] / shipped["gflop_per_image"] < 0.8
+    for v in (shipped, cpu):
+        assert v["images_per_s"] > 0 and v["gflop_per_s"] == pytest.approx(v["gflop_per_image"] * v["images_per_s"])
+    (row,) = data["rows"]
+    assert (row["ours"], row["other"]) == ("shapes-32-cpu", "shapes-32")
+    assert row["ratio"] == pytest.approx(cpu["images_per_s"] / shipped["images_per_s"], rel=1e-9)
