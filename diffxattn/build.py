@@ -74,7 +74,7 @@ def build_unet(cfg: ModelConfig, cross_attention_dim: int, in_channels: int = 3)
             cross_attention_resolutions=cfg.cross_attention_resolutions,
             self_attention_resolutions=cfg.self_attention_resolutions, num_heads=cfg.num_heads,
             cross_attention_dim=cross_attention_dim, gated_cross_attention=cfg.gated_cross_attention,
-            query_pos_embed=cfg.query_pos_embed, ff_mult=cfg.ff_mult,
+            query_pos_embed=cfg.query_pos_embed, ff_mult=cfg.ff_mult, patch_size=cfg.patch_size,
         )
     levels = len(cfg.block_out_channels)
     attn = set(range(levels)) if cfg.diffusers_attention_levels is None else set(cfg.diffusers_attention_levels)
@@ -139,6 +139,6 @@ def make_pipeline(cfg: ExperimentConfig, unet, text_encoder, tokenizer) -> DiffX
     scheduler = make_scheduler(s.sampler, num_train_timesteps=s.num_train_timesteps,
                                beta_schedule=s.beta_schedule, prediction_type=s.prediction_type)
     pipe = DiffXAttnPipeline(unet, text_encoder, tokenizer, scheduler, default_steps=s.steps,
-                             default_guidance_scale=s.guidance_scale)
+                             default_guidance_scale=s.guidance_scale, default_guidance_interval=s.guidance_interval)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -22,12 +22,14 @@ def default_pipeline() -> str:
     return str(here) if here.is_dir() else DEFAULT_PIPELINE
 
 
-def load_pipeline(path: str | None, scheduler: str | None = None, strict: bool = False):
-    """Load a saved pipeline folder onto the best available device, optionally switching its scheduler."""
+def load_pipeline(path: str | None, scheduler: str | None = None, strict: bool = False,
+                  scheduler_options: list[str] = ()):
+    """Load a saved pipeline folder onto the best available device, optionally switching its scheduler and
+    changing its settings (`scheduler_options`: "key=value" strings, e.g. "clip_sample=true")."""
     import torch
 
     from .pipeline import DiffXAttnPipeline
-    from .schedulers import make_scheduler
+    from .schedulers import make_scheduler, scheduler_name
 
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -42,12 +44,39 @@ def load_pipeline(path: str | None, scheduler: str | None = None, strict: bool =
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # weights may be stored in fp16 (the shipped pipeline is); CPUs compute in fp32
     pipe = DiffXAttnPipeline.from_pretrained(path, dtype=torch.float32 if device == "cpu" else None)
-    if scheduler:
-        pipe.scheduler = make_scheduler(scheduler, config=pipe.scheduler.config)
+    if scheduler or scheduler_options:
+        config = {**pipe.scheduler.config, **scheduler_settings(pipe.scheduler, scheduler_options)}
+        pipe.scheduler = make_scheduler(scheduler or scheduler_name(pipe.scheduler), config=config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.strict = strict
     return pipe
+
+
+def scheduler_settings(scheduler, options: list[str]) -> dict:
+    """"key=value" strings -> {key: value} (values read as YAML: true, 0.5, "trailing"); keys must be settings
+    of the pipeline's scheduler."""
+    import yaml
+
+    settings = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in scheduler.config:
+            known = ", ".join(k for k in scheduler.config if not k.startswith("_"))
+            raise ValueError(f"--scheduler-option {option!r}: expected KEY=VALUE with KEY one of: {known}")
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
+def guidance_interval(text: str) -> tuple[float, float]:
+    """'A:B' (fractions of the steps, 0 <= A < B <= 1) -> (A, B)."""
+    try:
+        start, end = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--guidance-interval {text!r}: expected START:END fractions, e.g. 0:0.6") from None
+    if not 0 <= start < end <= 1:
+        raise ValueError(f"--guidance-interval {text!r}: need 0 <= START < END <= 1")
+    return start, end
 
 
 def generators(seed: int, n: int):
@@ -130,7 +159,8 @@ def cmd_train_clip(args) -> None:
     from .config import load_config, overrides_from_argv
 
     cfg = load_config(args.config, overrides_from_argv(args.overrides))
-    metrics = train_clip(cfg, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    metrics = train_clip(cfg, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         hard_negatives=args.hard_negatives)
     print(f"saved the CLIP text encoder to {args.out} ({metrics}); train with text.pretrained={args.out} text.train=false")
 
 
@@ -138,7 +168,8 @@ def cmd_samples(args) -> None:
     from .samples import make_samples
 
     pipe = load_pipeline(args.pipeline)
-    for path in make_samples(pipe, args.out, seed=args.seed, curve=args.curve, screenshot=not args.no_screenshot):
+    for path in make_samples(pipe, args.out, seed=args.seed, curve=args.curve, screenshot=not args.no_screenshot,
+                             guidance_reports=args.guidance_reports or []):
         print(path)
 
 
@@ -172,8 +203,10 @@ def cmd_eval(args) -> None:
 
     from .eval.run import evaluate, format_report
 
-    pipe = load_pipeline(args.pipeline)
+    pipe = load_pipeline(args.pipeline, args.scheduler, scheduler_options=args.scheduler_option or [])
     report = evaluate(pipe, quick=args.quick, seeds=args.seeds, guidance_scales=args.guidance,
+                      guidance_scale=args.main_guidance, guidance_rescale=args.guidance_rescale,
+                      guidance_interval=guidance_interval(args.guidance_interval) if args.guidance_interval else None,
                       steps=args.steps, sets=tuple(s.strip() for s in args.sets.split(",") if s.strip()),
                       heatmaps=not args.no_heatmaps, edits=not args.no_edits, edit_prompts=args.edit_prompts,
                       pipeline=args.pipeline or default_pipeline(), progress=sys.stderr.isatty())
@@ -256,7 +289,15 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--seeds", type=int, help="images per prompt (default 4; quick 1)")
     v.add_argument("--guidance", type=float, nargs="+",
                    help="guidance scales of the curve (default 1 2 3 5; quick 1 3)")
+    v.add_argument("--main-guidance", type=float,
+                   help="guidance scale of the per-set table, heatmaps and edits (default: the pipeline's)")
     v.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's; quick at most 10)")
+    v.add_argument("--scheduler", help="sample with this scheduler instead of the pipeline's (its settings kept)")
+    v.add_argument("--scheduler-option", nargs="+", metavar="KEY=VALUE",
+                   help="change scheduler settings, e.g. clip_sample=true timestep_spacing=trailing")
+    v.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale factor (0: off)")
+    v.add_argument("--guidance-interval", help="guide only in this fraction of the steps, e.g. 0:0.5 (default: the "
+                   "pipeline's)")
     v.add_argument("--sets", default="single,two,heldout", help="comma-separated prompt sets")
     v.add_argument("--no-heatmaps", action="store_true", help="skip heatmap IoU")
     v.add_argument("--no-edits", action="store_true", help="skip the edit metrics")
@@ -269,6 +310,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=3000)
     c.add_argument("--batch-size", type=int, default=256)
     c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--hard-negatives", action="store_true",
+                   help="NegCLIP: each image also competes with its caption's colors/shapes swapped or relation mirrored")
     c.set_defaults(func=cmd_train_clip)
 
     sm = sub.add_parser("samples", help="regenerate the sample images (gallery, heatmaps, edits, reweighting)")
@@ -276,6 +319,8 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--curve", help="accuracy-vs-training-time JSON (from the run's checkpoints) to plot")
     sm.add_argument("--no-screenshot", action="store_true", help="skip the headless-Chromium viewer screenshot")
+    sm.add_argument("--guidance-reports", nargs="+", metavar="EVAL.json",
+                    help="`diffxattn eval` reports whose guidance curves to plot in guidance.png (one line each)")
     sm.add_argument("-o", "--out", default="samples")
     sm.set_defaults(func=cmd_samples)
 

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors import safe_open
@@ -57,12 +58,16 @@ class DiffXAttnPipeline(DiffusionPipeline):
     # the embeddings and mask hold the negative rows first, then the conditional ones, as in Stable Diffusion
     _callback_tensor_inputs = ["latents", "prompt_embeds", "prompt_attention_mask"]
 
+    # default_guidance_interval is annotated as a union: diffusers' loader warns about a plain tuple annotation
     def __init__(self, unet, text_encoder, tokenizer, scheduler, default_steps: int = 30,
-                 default_guidance_scale: float = 1.0):
+                 default_guidance_scale: float = 1.0,
+                 default_guidance_interval: tuple[float, float] | list[float] = (0.0, 1.0)):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-        self.register_to_config(default_steps=default_steps, default_guidance_scale=default_guidance_scale)
+        self.register_to_config(default_steps=default_steps, default_guidance_scale=default_guidance_scale,
+                                default_guidance_interval=list(default_guidance_interval))
         self._guidance_scale = default_guidance_scale
+        self._guiding = True  # False during the steps outside the guidance interval
         self.strict = False  # True: a prompt longer than the text encoder's window is an error, not a warning
 
     @classmethod
@@ -79,11 +84,13 @@ class DiffXAttnPipeline(DiffusionPipeline):
     # -- properties the attention tools read (same names as diffusers' StableDiffusionPipeline) --
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
+        """Whether the UNet's batch has unconditional rows (first half) now: guidance > 1, and, while sampling,
+        the current step inside the guidance interval. Controllers read it to find the conditional rows."""
+        return self._guidance_scale > 1.0 and self._guiding
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return getattr(self.unet.config, "patch_size", 1) * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings (B, S, D) and key mask (B, S) for a list of prompts ("" = unconditional).
@@ -116,6 +123,8 @@ class DiffXAttnPipeline(DiffusionPipeline):
         width: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
@@ -134,12 +143,18 @@ class DiffXAttnPipeline(DiffusionPipeline):
         holds `callback_on_step_end_tensor_inputs` (default ["latents"]; also "prompt_embeds" and
         "prompt_attention_mask", negative rows first under guidance) and the tensors it returns replace them.
         `generator` may be a list with one generator per image, so an image's bits do not depend on its batch.
+        `guidance_rescale` (0..1) rescales the guided prediction towards the conditional one's standard deviation
+        (Lin et al. 2023); `guidance_interval=(a, b)` applies guidance only in that fraction of the steps (the
+        conditional prediction alone elsewhere, at half the cost; Kynkäänniemi et al. 2024). `None` means the
+        pipeline's default (steps, guidance scale and interval are saved in its config).
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r}; expected 'pil', 'np' or 'pt'")
         tensor_inputs = self._step_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
         self._guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
+        if guidance_interval is None:
+            guidance_interval = tuple(self.config.get("default_guidance_interval", (0.0, 1.0)))
         size = self.unet.config.sample_size
         height = size if height is None else height
         width = size if width is None else width
@@ -153,6 +168,8 @@ class DiffXAttnPipeline(DiffusionPipeline):
             raise ValueError(f"got {len(generator)} generators for {len(prompts) * num_images_per_prompt} images")
         device = self._execution_device
 
+        self._guiding = True
+        guided = self.do_classifier_free_guidance  # the text input holds negative rows, then conditional ones
         prompt_embeds, prompt_attention_mask = self._text_input(
             prompts, negative, num_images_per_prompt, (prompt_embeds, prompt_attention_mask),
             (negative_prompt_embeds, negative_prompt_attention_mask))
@@ -163,15 +180,19 @@ class DiffXAttnPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         self._num_timesteps = len(self.scheduler.timesteps)
-        # stochastic samplers (DDPM, ancestral) draw their step noise from the same per-image generators
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        step_kwargs = self._step_kwargs(generator)
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             x_in = self.scheduler.scale_model_input(latents, t)
+            self._guiding = guidance_interval[0] <= i / len(self.scheduler.timesteps) < guidance_interval[1]
             if self.do_classifier_free_guidance:
                 x2 = torch.cat([x_in, x_in])  # negative rows, then conditional ones, as in prompt_embeds
                 pred_u, pred_c = self._predict(x2, t, prompt_embeds, prompt_attention_mask).chunk(2)
                 pred = pred_u + self._guidance_scale * (pred_c - pred_u)
+                if guidance_rescale > 0:
+                    pred = rescale_noise_cfg(pred, pred_c, guidance_rescale)
+            elif guided:  # a step outside the guidance interval: the conditional rows alone
+                pred = self._predict(x_in, t, prompt_embeds.chunk(2)[1], prompt_attention_mask.chunk(2)[1])
             else:
                 pred = self._predict(x_in, t, prompt_embeds, prompt_attention_mask)
             latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
@@ -183,6 +204,7 @@ class DiffXAttnPipeline(DiffusionPipeline):
                 prompt_embeds = out.get("prompt_embeds", prompt_embeds)
                 prompt_attention_mask = out.get("prompt_attention_mask", prompt_attention_mask)
 
+        self._guiding = True
         images = self.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
@@ -211,6 +233,18 @@ class DiffXAttnPipeline(DiffusionPipeline):
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown}: a step callback can read "
                              f"{self._callback_tensor_inputs}")
         return names
+
+    def _step_kwargs(self, generator) -> dict:
+        """Extra arguments of `scheduler.step`: stochastic samplers (DDPM, ancestral) draw their step noise from
+        the per-image generators; a DDIM that clips (or thresholds) x0 also recomputes its noise estimate from the
+        clipped x0. Without that, the step mixes a clipped x0 with the noise of the unclipped one, and guidance,
+        which pushes x0 outside [-1, 1], then draws extra objects (guidance 2: all-correct 0.00 vs 0.8)."""
+        params = inspect.signature(self.scheduler.step).parameters
+        kwargs = {"generator": generator} if "generator" in params else {}
+        clips = self.scheduler.config.get("clip_sample") or self.scheduler.config.get("thresholding")
+        if "use_clipped_model_output" in params and clips:
+            kwargs["use_clipped_model_output"] = True
+        return kwargs
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample

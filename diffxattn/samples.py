@@ -1,7 +1,8 @@
 """Regenerate `samples/`: prompt gallery, heatmap examples (+ viewer screenshot), edit and reweight strips,
-and accuracy against training time.
+accuracy against training time, and accuracy against the guidance scale per sampler.
 
-    diffxattn samples [--pipeline pipelines/shapes-32] [--curve pipelines/shapes-32/curve.json] -o samples
+    diffxattn samples [--pipeline pipelines/shapes-32] [--curve pipelines/shapes-32/curve.json]
+                      [--guidance-reports EVAL.json ...] -o samples
 """
 
 from __future__ import annotations
@@ -68,8 +69,39 @@ def _seed(s: int) -> torch.Generator:
     return torch.Generator().manual_seed(s)
 
 
+def guidance_curve(report: dict, name: str) -> list[tuple[float, float]]:
+    """(guidance scale, all-correct) of one prompt set of an eval report: its guidance curve plus its main scale
+    (scored in its "sets"), sorted by scale."""
+    curve = {float(g): v[name] for g, v in report["guidance"].items()}
+    curve.setdefault(float(report["config"]["guidance_scale"]), report["sets"][name]["all"])
+    return sorted(curve.items())
+
+
+def guidance_chart(reports: list[dict]) -> Image.Image:
+    """All-correct accuracy against the guidance scale: one panel per prompt set, one line per eval report
+    (labelled with its sampler and settings)."""
+    def label(report: dict) -> str:
+        c = report["config"]
+        words = [c.get("scheduler", "?"), f"{c['steps']} steps"]
+        if c.get("scheduler_config", {}).get("clip_sample"):
+            words.append("clip_sample")
+        if c.get("guidance_rescale"):
+            words.append(f"rescale {c['guidance_rescale']:g}")
+        if c.get("guidance_interval", [0, 1]) != [0, 1]:
+            words.append(f"interval {c['guidance_interval'][0]:g}-{c['guidance_interval'][1]:g}")
+        return " ".join(words)
+
+    names = [n for n in ("single", "two", "heldout") if any(n in r["sets"] for r in reports)]
+    panels = [line_chart({label(r): guidance_curve(r, name) for r in reports},
+                         f"{name}: all-correct vs guidance", "guidance scale") for name in names]
+    canvas = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
+    for k, panel in enumerate(panels):
+        canvas.paste(panel, (k * panel.width, 0))
+    return canvas
+
+
 def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | None = None,
-                 screenshot: bool = True) -> list[Path]:
+                 screenshot: bool = True, guidance_reports: list[str | Path] = ()) -> list[Path]:
     """Write every sample image into `out`; returns the paths written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,4 +145,7 @@ def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | No
                   for name in ("single", "two", "heldout")}
         line_chart(series, "all-correct accuracy vs training time", "training minutes").save(out / "accuracy.png")
         written.append(out / "accuracy.png")
+    if guidance_reports:
+        guidance_chart([json.loads(Path(r).read_text()) for r in guidance_reports]).save(out / "guidance.png")
+        written.append(out / "guidance.png")
     return written

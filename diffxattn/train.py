@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,7 @@ class TrainState:
     epoch: int = 0  # data position: the epoch, and how many of its batches this process consumed
     batch_in_epoch: int = 0
     batches_seen: int = 0  # by this process in this invocation
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # this invocation's start (wall clock)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -387,7 +389,8 @@ def loop_step(run: TrainState, stream, bar: tqdm) -> None:
     bar.update(1)
     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}")
     if run.step % run.cfg.logging.log_every == 0:
-        log_metrics(run, {"loss": loss, "lr": run.lr_scheduler.get_last_lr()[0], "images_per_s": ips})
+        log_metrics(run, {"loss": loss, "lr": run.lr_scheduler.get_last_lr()[0], "images_per_s": ips,
+                          "wall_s": time.perf_counter() - run.started})
 
 
 def log_metrics(run: TrainState, scalars: dict) -> None:
