@@ -4,7 +4,9 @@
         STEP:PIPELINE_DIR [STEP:PIPELINE_DIR ...] -o pipelines/shapes-32/curve.json
 
 Each checkpoint (exported as a pipeline with `python -m diffxattn.train export`) is scored with `evaluate`
-on 16 prompts per set, one seed, guidance 1; training time at a step comes from the run's logged images/s.
+on 16 prompts per set, one seed, at the pipeline's default sampler and guidance (or `--guidance`); training
+time at a step is the run's logged wall clock (`wall_s`), or for older runs the sum of its steps' time from the
+logged images/s.
 """
 
 import argparse
@@ -18,11 +20,13 @@ from diffxattn.eval.run import evaluate
 
 
 def seconds_at(metrics: Path, batch: int) -> dict[int, float]:
-    """Cumulative training seconds at each logged step (images between logs / logged images/s)."""
+    """Training seconds at each logged step: the logged wall clock, else images between logs / logged images/s."""
     out, total, last = {0: 0.0}, 0.0, 0
     for line in metrics.read_text().splitlines():
         rec = json.loads(line)
-        if "images_per_s" in rec:
+        if "wall_s" in rec:
+            out[rec["step"]] = rec["wall_s"]
+        elif "images_per_s" in rec:
             total += (rec["step"] - last) * batch / rec["images_per_s"]
             last = rec["step"]
             out[last] = total
@@ -35,6 +39,8 @@ def main() -> None:
     p.add_argument("--metrics", type=Path, required=True)
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--guidance", type=float, help="guidance scale (default: each pipeline's)")
     p.add_argument("-o", "--out", type=Path, required=True)
     args = p.parse_args()
     times = seconds_at(args.metrics, args.batch)
@@ -44,10 +50,12 @@ def main() -> None:
         step = int(step)
         pipe = DiffXAttnPipeline.from_pretrained(folder, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
-        report = evaluate(pipe, seeds=1, guidance_scales=(1.0,), guidance_scale=1.0, heatmaps=False, edits=False,
-                          sizes={"single": args.prompts, "two": args.prompts, "heldout": args.prompts})
+        guidance = pipe.config.default_guidance_scale if args.guidance is None else args.guidance
+        report = evaluate(pipe, seeds=args.seeds, guidance_scales=(guidance,), guidance_scale=guidance, heatmaps=False,
+                          edits=False, sizes={"single": args.prompts, "two": args.prompts, "heldout": args.prompts})
         near = min(times, key=lambda s: abs(s - step))
-        point = {"step": step, "minutes": times[near] / 60, **{k: v["all"] for k, v in report["sets"].items()}}
+        point = {"step": step, "minutes": times[near] / 60, "guidance": guidance,
+                 **{k: v["all"] for k, v in report["sets"].items()}}
         print(point, flush=True)
         points.append(point)
     args.out.write_text(json.dumps(points, indent=1))

@@ -36,7 +36,7 @@ def settings(quick: bool) -> dict:
 
 def run(args) -> dict:
     from diffxattn.control.store import AttentionStore
-    from diffxattn.editing import edit
+    from diffxattn.generation import edit
 
     common.setup(args.threads)
     s = settings(args.quick)

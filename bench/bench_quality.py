@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
@@ -71,7 +73,8 @@ def train_variant(name: str, s: dict, text: str, workdir: Path) -> dict:
 
     base = [f"text.pretrained={text}", "text.train=false", f"train.batch_size={s['batch']}",
             "logging.validate_every=1000000", "train.checkpoint_every=1000000", "logging.log_every=1",
-            "logging.tensorboard=false", *s["overrides"], *VARIANTS[name][1]]
+            "logging.tensorboard=false", f"train.cpu_threads={torch.get_num_threads()}",  # the bench's --threads
+            *s["overrides"], *VARIANTS[name][1]]
     probe = workdir / f"{name}-probe"
     train(load_config(common.CONFIG, [*base, f"train.max_steps={s['probe_steps']}", f"train.output_dir={probe}"]))
     logged = _logged(probe)

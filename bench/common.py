@@ -171,12 +171,11 @@ def text_components():
     """(tokenizer, text encoder) of the shapes-32 config, built small from a few hundred captions (cached)."""
     global _TEXT
     if _TEXT is None:
-        from diffxattn.build import build_dataset, build_text, dataset_captions
+        from diffxattn.build import build_text, learn_tokenizer
         from diffxattn.config import load_config
 
-        cfg = load_config(CONFIG)
-        captions = dataset_captions(build_dataset(cfg.data), 400)
-        _TEXT = build_text(cfg.text, captions=captions, workdir=tempfile.mkdtemp(prefix="diffxattn-bench-tok-"))
+        cfg = load_config(CONFIG, ["text.vocab_captions=400"])
+        _TEXT = build_text(cfg.text, learn_tokenizer(cfg, tempfile.mkdtemp(prefix="diffxattn-bench-tok-")))
     return _TEXT
 
 

@@ -1,6 +1,14 @@
 """diffxattn: text-to-image diffusion with cross-attention you can see and edit."""
 
-import diffusers as _diffusers
+import logging as _logging
+
+# diffusers' pipeline module imports transformers' image processors (for Stable Diffusion's safety checker);
+# transformers >= 5.25 then warns, on every command, that torchvision is missing. Nothing here uses an image
+# processor, so that one message is dropped; every other transformers warning still shows.
+_logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage())
+
+import diffusers as _diffusers  # noqa: E402
 
 from .models import XAttnUNet
 from .pipeline import DiffXAttnPipeline

@@ -1,4 +1,5 @@
-"""Build the components an experiment config describes: dataset, text encoder, UNet, scheduler, pipeline."""
+"""Build the components an experiment config describes: dataset, tokenizer, text encoder, UNet, scheduler,
+pipeline. `build_models` is the one entry for the models; `make_pipeline` assembles a pipeline from them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Callable
 
 import torch
 from diffusers import UNet2DConditionModel
-from transformers import CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTokenizer
 
 from . import limits
 from .config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TextConfig
@@ -42,16 +43,25 @@ def dataset_captions(dataset, n: int) -> list[str]:
     return [dataset[i]["text"] for i in range(min(n, len(dataset)))]
 
 
-def build_text(cfg: TextConfig, tokenizer: CLIPTokenizer | None = None, captions: list[str] = (),
-               workdir: str | Path | None = None):
-    """(tokenizer, text_encoder): loaded from `cfg.pretrained`; else a small CLIP for `tokenizer`, or for a
-    vocabulary learned from `captions` (written to `workdir`). Frozen unless `cfg.train`."""
+def learn_tokenizer(cfg: ExperimentConfig, folder: str | Path, dataset=None) -> CLIPTokenizer:
+    """A CLIP tokenizer whose vocabulary is learned from (up to text.vocab_captions of) the data's captions,
+    saved in `folder` (for a config without a pretrained text encoder)."""
+    dataset = build_dataset(cfg.data) if dataset is None else dataset
+    captions = dataset_captions(dataset, cfg.text.vocab_captions)
+    return text_mod.build_tokenizer(captions, folder, max_length=cfg.text.max_length)
+
+
+def text_config(cfg: TextConfig, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """The small CLIP text model a config describes, for `tokenizer` (also the text tower of `train-clip`)."""
+    return text_mod.text_encoder_config(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads)
+
+
+def build_text(cfg: TextConfig, tokenizer: CLIPTokenizer):
+    """(tokenizer, text_encoder): loaded from `cfg.pretrained`, else a small random CLIP for `tokenizer`.
+    Frozen unless `cfg.train`."""
     if cfg.pretrained:
         tokenizer, encoder = text_mod.load_text_encoder(cfg.pretrained)
     else:
-        if tokenizer is None:
-            workdir = Path(workdir or tempfile.mkdtemp(prefix="diffxattn-tokenizer-"))
-            tokenizer = text_mod.build_tokenizer(list(captions), workdir, max_length=cfg.max_length)
         encoder = sized(lambda: text_mod.build_text_encoder(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads),
                         "the config's text encoder")
     if not cfg.train:
@@ -84,7 +94,7 @@ def _build_unet(cfg: ModelConfig, cross_attention_dim: int, in_channels: int = 3
             cross_attention_resolutions=cfg.cross_attention_resolutions,
             self_attention_resolutions=cfg.self_attention_resolutions, num_heads=cfg.num_heads,
             cross_attention_dim=cross_attention_dim, gated_cross_attention=cfg.gated_cross_attention,
-            query_pos_embed=cfg.query_pos_embed, ff_mult=cfg.ff_mult,
+            query_pos_embed=cfg.query_pos_embed, ff_mult=cfg.ff_mult, patch_size=cfg.patch_size,
         )
     levels = len(cfg.block_out_channels)
     attn = set(range(levels)) if cfg.diffusers_attention_levels is None else set(cfg.diffusers_attention_levels)
@@ -99,23 +109,30 @@ def _build_unet(cfg: ModelConfig, cross_attention_dim: int, in_channels: int = 3
     )
 
 
-def build_pipeline(cfg: ExperimentConfig, captions: list[str] | None = None, workdir: str | Path | None = None
-                   ) -> DiffXAttnPipeline:
-    """A complete, untrained pipeline for an experiment config."""
-    if captions is None and not cfg.text.pretrained:
-        captions = dataset_captions(build_dataset(cfg.data), cfg.text.vocab_captions)
-    tokenizer, encoder = build_text(cfg.text, captions=captions or [], workdir=workdir)
-    return make_pipeline(cfg, build_unet(cfg.model, encoder.config.hidden_size), encoder, tokenizer)
+def build_models(cfg: ExperimentConfig, tokenizer: CLIPTokenizer | None = None, *,
+                 workdir: str | Path | None = None):
+    """(tokenizer, text encoder, UNet) of a config: the one way components are built (the trainer, `build`,
+    CLIP pre-training's tokenizer and checkpoint export all come here).
 
-
-def build_models(cfg: ExperimentConfig, tokenizer: CLIPTokenizer | None):
-    """(tokenizer, text encoder, UNet): the pretrained text encoder, or a small one for `tokenizer`; the UNet
-    starts from `model.pretrained`'s weights when set."""
+    The tokenizer is `text.pretrained`'s, else the one given (a run's, a checkpoint's), else learned from the
+    data's captions into `workdir` (a temporary folder by default). The UNet starts from `model.pretrained`'s
+    weights when set.
+    """
+    if tokenizer is None and not cfg.text.pretrained:
+        tokenizer = learn_tokenizer(cfg, workdir or tempfile.mkdtemp(prefix="diffxattn-tokenizer-"))
     tokenizer, text_encoder = build_text(cfg.text, tokenizer)
     unet = build_unet(cfg.model, text_encoder.config.hidden_size)
     if cfg.model.pretrained:
         load_unet_weights(unet, cfg.model.pretrained)
     return tokenizer, text_encoder, unet
+
+
+def build_pipeline(cfg: ExperimentConfig, tokenizer: CLIPTokenizer | None = None,
+                   workdir: str | Path | None = None) -> DiffXAttnPipeline:
+    """A complete pipeline for an experiment config: untrained, except for what `model.pretrained` and
+    `text.pretrained` load."""
+    tokenizer, text_encoder, unet = build_models(cfg, tokenizer, workdir=workdir)
+    return make_pipeline(cfg, unet, text_encoder, tokenizer)
 
 
 def load_unet_weights(unet, path: str | Path) -> None:
@@ -142,6 +159,6 @@ def make_pipeline(cfg: ExperimentConfig, unet, text_encoder, tokenizer) -> DiffX
     scheduler = make_scheduler(s.sampler, num_train_timesteps=s.num_train_timesteps,
                                beta_schedule=s.beta_schedule, prediction_type=s.prediction_type)
     pipe = DiffXAttnPipeline(unet, text_encoder, tokenizer, scheduler, default_steps=s.steps,
-                             default_guidance_scale=s.guidance_scale)
+                             default_guidance_scale=s.guidance_scale, default_guidance_interval=s.guidance_interval)
     pipe.set_progress_bar_config(disable=True)
     return pipe

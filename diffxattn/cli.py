@@ -2,6 +2,7 @@
 
     diffxattn generate "a red circle at the left" --seed 0 -o out.png
     diffxattn build configs/tiny.yaml -o pipelines/tiny-untrained
+    diffxattn train configs/tiny.yaml train.max_steps=20 [--resume latest]
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ def default_pipeline() -> str:
     return str(here) if here.is_dir() else DEFAULT_PIPELINE
 
 
-def load_pipeline(path: str | None, scheduler: str | None = None, strict: bool = False):
-    """Load a saved pipeline folder onto the best available device, optionally switching its scheduler."""
+def load_pipeline(path: str | None, scheduler: str | None = None, strict: bool = False,
+                  scheduler_options: list[str] = ()):
+    """Load a saved pipeline folder onto the best available device, optionally switching its scheduler and
+    changing its settings (`scheduler_options`: "key=value" strings, e.g. "clip_sample=true")."""
     import torch
 
     from .pipeline import DiffXAttnPipeline
-    from .schedulers import make_scheduler
+    from .schedulers import make_scheduler, scheduler_name
 
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -46,15 +49,31 @@ def load_pipeline(path: str | None, scheduler: str | None = None, strict: bool =
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # weights may be stored in fp16 (the shipped pipeline is); CPUs compute in fp32
     pipe = DiffXAttnPipeline.from_pretrained(path, dtype=torch.float32 if device == "cpu" else None)
-    if scheduler:
+    if scheduler or scheduler_options:
+        config = {**pipe.scheduler.config, **scheduler_settings(pipe.scheduler, scheduler_options)}
         try:
-            pipe.scheduler = make_scheduler(scheduler, config=pipe.scheduler.config)
+            pipe.scheduler = make_scheduler(scheduler or scheduler_name(pipe.scheduler), config=config)
         except NotImplementedError as e:  # diffusers: this scheduler lacks the folder's beta_schedule
             raise ValueError(f"--scheduler {scheduler}: {e}") from None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.strict = strict
     return pipe
+
+
+def scheduler_settings(scheduler, options: list[str]) -> dict:
+    """"key=value" strings -> {key: value} (values read as YAML: true, 0.5, "trailing"); keys must be settings
+    of the pipeline's scheduler."""
+    import yaml
+
+    settings = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in scheduler.config:
+            known = ", ".join(k for k in scheduler.config if not k.startswith("_"))
+            raise ValueError(f"--scheduler-option {option!r}: expected KEY=VALUE with KEY one of: {known}")
+        settings[key] = yaml.safe_load(value)
+    return settings
 
 
 def generators(seed: int, n: int):
@@ -95,7 +114,7 @@ def image_size(pipe, args) -> tuple[int, int]:
 
 
 def cmd_generate(args) -> None:
-    from .editing import generate
+    from .generation import generate
 
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
     height, width = image_size(pipe, args)
@@ -103,43 +122,35 @@ def cmd_generate(args) -> None:
     check_scale(width, height, args.scale)
     images = generate(pipe, args.prompt, weight_mode=args.weight_mode, negative_prompt=args.negative,
                       num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.n,
-                      generator=generators(args.seed, args.n), height=args.height, width=args.width).images
+                      generator=generators(args.seed, args.n), height=args.height, width=args.width,
+                      **guidance_options(args)).images
     for image, path in zip(images, output_paths(args.out, args.n)):
         save_image(image, path, args.scale)
 
 
-def replace_range(text: str) -> tuple:
-    """'0.8' -> (0, 0.8) (a fraction of the run); 'A:B' -> step_range."""
-    return step_range(text) if ":" in text else (0, float(text))
-
-
 def cmd_edit(args) -> None:
-    from PIL import Image
-
-    from .control import AttentionStore
+    from .control import AttentionStore, StepRange
     from .control.edits import FEATURE_LAYERS
-    from .editing import edit
+    from .generation import edit
     from .heatmaps import export
+    from .images import labelled_grid
 
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
     size = pipe.unet.config.sample_size
     check_scale(2 * size, size, args.scale)  # the source and the edit side by side
-    cross = {"default": replace_range(args.cross_replace)}
+    cross = {"default": StepRange.parse(args.cross_replace)}
     for item in args.cross_replace_word or []:
         word, _, value = item.partition("=")
         if not value:
             raise ValueError(f"--cross-replace-word {item!r}: expected WORD=FRACTION or WORD=A:B")
-        cross[word] = replace_range(value)
+        cross[word] = StepRange.parse(value)
     with AttentionStore(pipe) if args.heatmaps else contextlib.nullcontext() as store:
-        source, edited = edit(pipe, args.source, args.to, cross_replace=cross, self_replace=replace_range(args.self_replace),
-                              feature_replace=replace_range(args.feature_replace),
+        source, edited = edit(pipe, args.source, args.to, cross_replace=cross, self_replace=StepRange.parse(args.self_replace),
+                              feature_replace=StepRange.parse(args.feature_replace),
                               feature_layers=args.feature_layers or FEATURE_LAYERS,
                               local_blend=args.local_blend, blend_threshold=args.blend_threshold, seed=args.seed,
-                              num_inference_steps=args.steps,
-                              guidance_scale=args.guidance)
-    pair = Image.new("RGB", (source.width * 2, source.height))
-    pair.paste(source, (0, 0))
-    pair.paste(edited, (source.width, 0))
+                              num_inference_steps=args.steps, guidance_scale=args.guidance, **guidance_options(args))
+    pair = labelled_grid([("", source), ("", edited)], columns=2, cell=source.width)
     save_image(pair, Path(args.out), args.scale)
     if store:
         export(Path(args.heatmaps) / "source", store, source, args.source, seed=args.seed, index=0)
@@ -147,31 +158,17 @@ def cmd_edit(args) -> None:
         print(f"heatmaps: {args.heatmaps}/source, {args.heatmaps}/edited")
 
 
-def step_range(text: str) -> tuple:
-    """'A:B' -> (A, B): integers are step indices (B exclusive), decimals are fractions of the run."""
-    parts = text.split(":")
-    if len(parts) != 2:
-        raise ValueError(f"--steps {text!r}: expected START:END, e.g. 0:10 or 0.2:1.0")
-    try:
-        values = [float(p) if "." in p else int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"--steps {text!r}: START and END must be numbers") from None
-    if isinstance(values[0], float) or isinstance(values[1], float):
-        values = [float(v) for v in values]
-    return tuple(values)
-
-
 def cmd_heatmap(args) -> None:
-    from .control import AttentionStore
+    from .control import AttentionStore, StepRange
     from .heatmaps import export
     from .prompts import clean_text
 
     clean_text(args.prompt)  # the export reads the words with the weight syntax: a syntax error comes first
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
     with AttentionStore(pipe, resolutions=args.resolutions, layers=args.layers, blocks=args.blocks,
-                        steps=step_range(args.steps), per_layer=True) as store:
+                        steps=StepRange.parse(args.steps), per_layer=True) as store:
         image = pipe(args.prompt, num_inference_steps=args.num_steps, guidance_scale=args.guidance,
-                     generator=generators(args.seed, 1)).images[0]
+                     generator=generators(args.seed, 1), **guidance_options(args)).images[0]
     meta = export(args.out, store, image, args.prompt, seed=args.seed, scale=args.scale)
     print(f"{args.out}: {len(meta['words'])} word maps ({', '.join(meta['words'])}); open {args.out}/index.html")
 
@@ -181,7 +178,8 @@ def cmd_train_clip(args) -> None:
     from .config import load_config, overrides_from_argv
 
     cfg = load_config(args.config, overrides_from_argv(args.overrides))
-    metrics = train_clip(cfg, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    metrics = train_clip(cfg, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         hard_negatives=args.hard_negatives)
     print(f"saved the CLIP text encoder to {args.out} ({metrics}); train with text.pretrained={args.out} text.train=false")
 
 
@@ -189,7 +187,8 @@ def cmd_samples(args) -> None:
     from .samples import make_samples
 
     pipe = load_pipeline(args.pipeline)
-    for path in make_samples(pipe, args.out, seed=args.seed, curve=args.curve, screenshot=not args.no_screenshot):
+    for path in make_samples(pipe, args.out, seed=args.seed, curve=args.curve, screenshot=not args.no_screenshot,
+                             guidance_reports=args.guidance_reports or []):
         print(path)
 
 
@@ -204,7 +203,21 @@ def cmd_build(args) -> None:
     pipe = build_pipeline(cfg)
     save_pipeline(pipe, args.out, overwrite=args.overwrite)
     n = sum(p.numel() for p in pipe.unet.parameters())
-    print(f"saved an untrained pipeline ({n / 1e6:.2f}M UNet parameters) to {args.out}")
+    unet = f"UNet weights from {cfg.model.pretrained}" if cfg.model.pretrained else "untrained UNet"
+    print(f"saved a pipeline ({unet}, {n / 1e6:.2f}M parameters) to {args.out}")
+
+
+def cmd_train(args) -> None:
+    from .config import load_config, overrides_from_argv
+    from .train import NonFiniteLoss, train
+
+    cfg = load_config(args.config, overrides_from_argv(args.overrides))
+    try:
+        train(cfg, args.resume)
+    except NonFiniteLoss as e:  # a RuntimeError, not bad input: exit 1 as `python -m diffxattn.train` does
+        if args.debug:
+            raise
+        raise SystemExit(f"diffxattn train: error: {e}") from None
 
 
 def cmd_eval(args) -> None:
@@ -213,8 +226,9 @@ def cmd_eval(args) -> None:
     from .atomic import write_text
     from .eval.run import evaluate, format_report
 
-    pipe = load_pipeline(args.pipeline)
+    pipe = load_pipeline(args.pipeline, args.scheduler, scheduler_options=args.scheduler_option or [])
     report = evaluate(pipe, quick=args.quick, seeds=args.seeds, guidance_scales=args.guidance,
+                      guidance_scale=args.main_guidance, **guidance_options(args),
                       steps=args.steps, sets=tuple(s.strip() for s in args.sets.split(",") if s.strip()),
                       heatmaps=not args.no_heatmaps, edits=not args.no_edits, edit_prompts=args.edit_prompts,
                       pipeline=args.pipeline or default_pipeline(), progress=sys.stderr.isatty())
@@ -247,6 +261,22 @@ def guidance(text: str) -> float:
     return limits.guidance(_parse(text, float), "guidance")
 
 
+def fraction(text: str) -> float:
+    """A number from 0 to 1 (--guidance-rescale)."""
+    value = _parse(text, float)
+    if not 0 <= value <= 1:  # NaN fails too
+        raise ValueError(f"expected a number from 0 to 1, got {text}")
+    return value
+
+
+def interval(text: str) -> tuple[float, float]:
+    """'A:B' fractions of the steps, 0 <= A < B <= 1 (--guidance-interval)."""
+    start, sep, end = text.partition(":")
+    if not sep:
+        raise ValueError(f"expected START:END fractions of the steps, e.g. 0:0.6, got {text!r}")
+    return limits.interval((_parse(start, float), _parse(end, float)), "START:END")
+
+
 def seed(text: str) -> int:
     value = _parse(text, int)
     if not 0 <= value <= MAX_SEED:
@@ -261,7 +291,20 @@ def rate(text: str) -> float:
     return value
 
 
-COUNT, STEPS, GUIDANCE, SEED, RATE = (arg_type(f) for f in (count, steps, guidance, seed, rate))
+COUNT, STEPS, GUIDANCE, FRACTION, INTERVAL, SEED, RATE = (arg_type(f) for f in (count, steps, guidance, fraction, interval,
+                                                                                  seed, rate))
+
+
+def add_guidance_options(p: argparse.ArgumentParser) -> None:
+    """--guidance-rescale and --guidance-interval, read by `guidance_options`."""
+    p.add_argument("--guidance-rescale", type=FRACTION, default=0.0,
+                   help="rescale the guided prediction towards the conditional one's spread, 0..1 (0: off)")
+    p.add_argument("--guidance-interval", type=INTERVAL, metavar="A:B",
+                   help="guide only in this fraction of the steps, e.g. 0:0.5 (default: the pipeline's)")
+
+
+def guidance_options(args) -> dict:
+    return {"guidance_rescale": args.guidance_rescale, "guidance_interval": args.guidance_interval}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -283,6 +326,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=COUNT)
     g.add_argument("--width", type=COUNT)
     g.add_argument("--scale", type=COUNT, default=1, help="enlarge the saved PNG by this factor (nearest)")
+    add_guidance_options(g)
     g.add_argument("--weight-mode", default="attention", choices=("attention", "embedding", "embedding-a1111"),
                    help="how (word:1.5) / word++ weights act: on cross-attention or on token embeddings")
     g.add_argument("-o", "--out", default="out.png")
@@ -296,6 +340,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=STEPS)
     e.add_argument("--guidance", type=GUIDANCE)
     e.add_argument("--scheduler")
+    add_guidance_options(e)
     e.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
     e.add_argument("--cross-replace", default="0.8", help="fraction of steps (0.8) or step range A:B")
     e.add_argument("--cross-replace-word", nargs="+", metavar="WORD=RANGE", help="per-word cross-replace, e.g. blue=0.3")
@@ -321,8 +366,10 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--num-steps", type=STEPS, help="denoising steps (default: the pipeline's)")
     h.add_argument("--guidance", type=GUIDANCE)
     h.add_argument("--scheduler")
+    add_guidance_options(h)
     h.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
-    h.add_argument("--steps", default="0:1.0", help="step range to aggregate, START:END (indices or fractions)")
+    h.add_argument("--steps", default="0:1.0", help="steps to aggregate: START:END, step indices (0:10) or "
+                   "fractions of the run (0.2:1.0)")
     h.add_argument("--resolutions", type=int, nargs="+", help="map resolutions to use, e.g. 16 8 (default: all)")
     h.add_argument("--layers", nargs="+", help="keep layers whose name contains one of these, e.g. up_blocks")
     h.add_argument("--blocks", nargs="+", choices=("down", "mid", "up"))
@@ -337,7 +384,13 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--seeds", type=COUNT, help="images per prompt (default 4; quick 1)")
     v.add_argument("--guidance", type=GUIDANCE, nargs="+",
                    help="guidance scales of the curve (default 1 2 3 5; quick 1 3)")
+    v.add_argument("--main-guidance", type=GUIDANCE,
+                   help="guidance scale of the per-set table, heatmaps and edits (default: the pipeline's)")
     v.add_argument("--steps", type=STEPS, help="denoising steps (default: the pipeline's; quick at most 10)")
+    v.add_argument("--scheduler", help="sample with this scheduler instead of the pipeline's (its settings kept)")
+    v.add_argument("--scheduler-option", nargs="+", metavar="KEY=VALUE",
+                   help="change scheduler settings, e.g. clip_sample=true timestep_spacing=trailing")
+    add_guidance_options(v)
     v.add_argument("--sets", default="single,two,heldout", help="comma-separated prompt sets")
     v.add_argument("--no-heatmaps", action="store_true", help="skip heatmap IoU")
     v.add_argument("--no-edits", action="store_true", help="skip the edit metrics")
@@ -350,6 +403,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=COUNT, default=3000)
     c.add_argument("--batch-size", type=COUNT, default=256)
     c.add_argument("--lr", type=RATE, default=1e-3)
+    c.add_argument("--hard-negatives", action="store_true",
+                   help="NegCLIP: each image also competes with its caption's colors/shapes swapped or relation mirrored")
     c.set_defaults(func=cmd_train_clip)
 
     sm = sub.add_parser("samples", help="regenerate the sample images (gallery, heatmaps, edits, reweighting)")
@@ -357,16 +412,26 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=SEED, default=0)
     sm.add_argument("--curve", help="accuracy-vs-training-time JSON (from the run's checkpoints) to plot")
     sm.add_argument("--no-screenshot", action="store_true", help="skip the headless-Chromium viewer screenshot")
+    sm.add_argument("--guidance-reports", nargs="+", metavar="EVAL.json",
+                    help="`diffxattn eval` reports whose guidance curves to plot in guidance.png (one line each)")
     sm.add_argument("-o", "--out", default="samples")
     sm.set_defaults(func=cmd_samples)
 
-    b = sub.add_parser("build", help="build and save an untrained pipeline from a YAML config")
+    b = sub.add_parser("build", help="build and save a pipeline from a YAML config (untrained, except for what "
+                                     "model.pretrained and text.pretrained load)")
     b.add_argument("config")
     b.add_argument("-o", "--out", required=True)
     b.add_argument("--overwrite", action="store_true",
                    help="replace OUT even if it holds other files than a pipeline diffxattn wrote")
     b.epilog = "Any config field can be overridden: --text.hidden_size 64 or text.hidden_size=64"
     b.set_defaults(func=cmd_build)
+
+    t = sub.add_parser("train", help="train a model from a YAML config (one process; `accelerate launch -m "
+                                     "diffxattn.train` for several)")
+    t.add_argument("config")
+    t.add_argument("--resume", help="'latest' (the newest complete checkpoint) or a checkpoint folder")
+    t.epilog = "Any config field can be overridden: --train.max_steps 2000 or train.max_steps=2000"
+    t.set_defaults(func=cmd_train)
     return p
 
 
@@ -374,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit code 0, or 2 with one line on stderr for bad input (`errors.run`; --debug: the traceback)."""
     p = parser()
     args, extra = p.parse_known_args(argv)
-    if extra and args.command not in ("build", "train-clip"):
+    if extra and args.command not in ("build", "train", "train-clip"):
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     return run(f"diffxattn {args.command}", lambda: args.func(args), args.debug)

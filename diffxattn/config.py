@@ -88,6 +88,7 @@ class ModelConfig:
     gated_cross_attention: bool = False
     query_pos_embed: bool = True
     ff_mult: int = 2
+    patch_size: int = 1  # p > 1: a p x p patch stem, the first level at 1/p of the image's resolution
     # diffusers UNet2DConditionModel only: which levels get attention blocks (CrossAttn* vs plain blocks)
     diffusers_attention_levels: tuple[int, ...] | None = None
     # fine-tuning: start from this UNet's weights (a pipeline folder with unet/, or a UNet folder); the
@@ -114,6 +115,7 @@ class SchedulerConfig:
     sampler: str = "ddim"  # scheduler saved with the pipeline, used for validation and by default
     steps: int = 30
     guidance_scale: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # fractions of the steps that are guided
 
 
 @dataclass
@@ -193,7 +195,7 @@ CHOICES = {
 }
 POSITIVE = {("train", "batch_size"), ("train", "max_steps"), ("train", "gradient_accumulation_steps"),
             ("train", "checkpoint_every"), ("logging", "log_every"), ("logging", "validate_every"),
-            ("scheduler", "steps"), ("model", "sample_size"), ("data", "size"), ("optim", "lr"),
+            ("scheduler", "steps"), ("model", "sample_size"), ("data", "size"), ("optim", "lr"), ("model", "patch_size"),
             ("train", "cpu_threads"), ("model", "num_heads"), ("model", "ff_mult"), ("text", "hidden_size"),
             ("text", "num_layers"), ("text", "num_heads"), ("text", "max_length"), ("text", "vocab_captions"),
             ("scheduler", "num_train_timesteps"),

@@ -17,41 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import save_file
 
 from . import atomic, limits
-from .errors import short_repr
+from .conditioning import TokenizedPrompt
 from .control.store import AttentionStore, word_keys
-from .prompts import clean_text
+from .errors import short_repr
+from .images import labelled_grid, overlay
 from .viewer import write_viewer
 
 _WORD_FILE = re.compile(r"word-\d{2,}-[A-Za-z0-9_-]+\.png")  # what safe_filename makes
-
-# Google's "turbo" colormap, polynomial approximation (Mikhailov 2019): x in [0, 1] -> RGB in [0, 1].
-_TURBO = np.array([
-    [0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943],
-    [0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604],
-    [0.10667330, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973],
-])
-
-
-def colormap(x: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] (...,) -> turbo RGB uint8 (..., 3)."""
-    x = np.clip(x, 0.0, 1.0)[..., None]
-    powers = x ** np.arange(6)  # (..., 6)
-    return (np.clip(powers @ _TURBO.T, 0, 1) * 255).round().astype(np.uint8)
-
-
-def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.55, scale: int = 8) -> Image.Image:
-    """The image enlarged `scale`x (nearest) with a min-max-normalised heatmap blended over it."""
-    size = (image.width * scale, image.height * scale)
-    base = np.asarray(image.convert("RGB").resize(size, Image.NEAREST), dtype=np.float32)
-    h = torch.as_tensor(heat, dtype=torch.float32)[None, None]
-    h = torch.nn.functional.interpolate(h, size=(size[1], size[0]), mode="bilinear", align_corners=False)[0, 0].numpy()
-    h = (h - h.min()) / max(float(h.max() - h.min()), 1e-12)
-    mixed = (1 - alpha) * base + alpha * colormap(h).astype(np.float32)
-    return Image.fromarray(mixed.round().astype(np.uint8))
 
 
 def safe_filename(word: str, index: int) -> str:
@@ -61,40 +37,17 @@ def safe_filename(word: str, index: int) -> str:
     return f"word-{index:02d}-{text}.png"
 
 
-_LABEL = 18  # pixels above each grid cell for its word
-
-
-def grid_size(image_size: tuple[int, int], words: int, scale: int, columns: int = 5) -> tuple[int, int]:
-    """(width, height) of the grid of the image and `words` overlays."""
-    rows = (words + 1 + columns - 1) // columns
-    return columns * image_size[0] * scale, rows * (image_size[1] * scale + _LABEL)
-
-
-def grid(image: Image.Image, tiles: list[tuple[str, Image.Image]], scale: int = 8, columns: int = 5) -> Image.Image:
-    """The image followed by one labelled overlay per word, in rows of `columns`."""
-    cells = [("image", image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST))]
-    cells += tiles
-    w, h = cells[0][1].size
-    label = _LABEL
-    canvas = Image.new("RGB", grid_size(image.size, len(tiles), scale, columns), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (name, tile) in enumerate(cells):
-        x, y = (i % columns) * w, (i // columns) * (h + label)
-        canvas.paste(tile, (x, y + label))
-        draw.text((x + 4, y + 3), name, fill="black")
-    return canvas
-
-
 def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, prompt: str, *, seed: int | None = None,
            index: int = 0, scale: int = 8) -> dict:
     """Write every heatmap artefact of image `index` into `out_dir`; returns the maps.json content."""
     out = Path(out_dir)
-    words = store.words(index, prompt)
+    text = TokenizedPrompt.of(store.pipe.tokenizer, prompt)
+    words = store.words(index, text)
     if not words:
         raise ValueError(f"the prompt {short_repr(prompt)} has no word inside the text encoder's window to map")
     limits.whole(scale, "scale")
-    width, height = grid_size(image.size, len(words), scale)
-    limits.check(limits.PIXELS, width * height, f"scale {scale}: a heatmap grid of {width}x{height} pixels")
+    cells, w, h = -(-(len(words) + 1) // 5) * 5, image.width * scale, image.height * scale  # the grid's 5 columns
+    limits.check(limits.PIXELS, cells * w * h, f"scale {scale}: a heatmap grid of {cells} tiles of {w}x{h} pixels")
     out.mkdir(parents=True, exist_ok=True)
     previous = previous_word_files(out)
     keys = word_keys([w for w, _ in words])
@@ -112,7 +65,7 @@ def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, promp
         atomic.save_image(tile, out / name)
         tiles.append((key, tile))
         files.append(name)
-    atomic.save_image(grid(image, tiles, scale), out / "grid.png")
+    atomic.save_image(labelled_grid([("image", image), *tiles], columns=5, cell=image.width * scale), out / "grid.png")
 
     tensors = {"tokens": tokens.contiguous()}
     steps = layers = None
@@ -123,11 +76,10 @@ def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, promp
         layers, tensors["layers"] = store.layer_token_maps(index)
     atomic.write_file(out / "maps.safetensors", lambda tmp: save_file(tensors, str(tmp)))
 
-    ids = store.pipe.tokenizer(clean_text(prompt)).input_ids
     meta = {
         "prompt": prompt,
         "seed": seed,
-        "tokens": store.pipe.tokenizer.convert_ids_to_tokens(ids),
+        "tokens": store.pipe.tokenizer.convert_ids_to_tokens(text.ids),
         "words": [w for w, _ in words],
         "word_tokens": {k: pos for k, (_, pos) in zip(keys, words)},
         "word_files": dict(zip(keys, files)),

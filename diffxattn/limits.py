@@ -94,3 +94,22 @@ def guidance(value, name: str = "guidance_scale") -> float:
         raise LimitError(f"{name}={value!r} must be a number in [1, {MAX_GUIDANCE:g}] "
                          "(1 = no classifier-free guidance; values below 1 are not supported)")
     return float(value)
+
+
+def fraction(value, name: str) -> float:
+    """A number from 0 to 1 (a guidance rescale factor)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:  # NaN fails too
+        raise LimitError(f"{name}={value!r} must be a number from 0 to 1")
+    return float(value)
+
+
+def interval(value, name: str) -> tuple[float, float]:
+    """(start, end) fractions of the steps with 0 <= start < end <= 1 (a guidance interval)."""
+    try:
+        start, end = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise LimitError(f"{name}={value!r} must be two fractions (START, END), e.g. (0, 0.6)") from None
+    if not 0 <= start < end <= 1:
+        raise LimitError(f"{name}={value!r} must have 0 <= START < END <= 1")
+    return start, end
+

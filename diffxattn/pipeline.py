@@ -8,7 +8,6 @@ from the folder (no `trust_remote_code`).
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import math
@@ -19,13 +18,13 @@ from typing import Callable
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors import safe_open
 
-from . import limits
+from . import conditioning, limits
 from .errors import UserError, short_repr
-from .models import text as text_mod
 
 CONFIG_FILES = ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "text_encoder/config.json",
                 "tokenizer/tokenizer_config.json")
@@ -121,8 +120,9 @@ def check_scheduler(scheduler, steps: int) -> None:
     """Take every one of `steps` steps on a copy of the scheduler with a 1-pixel sample: a schedule whose numbers
     do not work (NaN betas, an offset past the schedule, an unknown option) fails here with its config named,
     instead of failing inside the sampling loop or giving a black image."""
-    s = copy.deepcopy(scheduler)
     try:
+        # a fresh scheduler from the config: a copy would carry hooks wrapped around the instance (controllers)
+        s = type(scheduler).from_config(scheduler.config)
         with torch.random.fork_rng(devices=[]):  # stochastic steps must not move the caller's random state
             s.set_timesteps(steps, device="cpu")
             x = torch.ones(1, 1, 1, 1) * s.init_noise_sigma
@@ -146,13 +146,20 @@ class DiffXAttnPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->unet"
+    # what a `callback_on_step_end` may read and replace (diffusers' protocol); under classifier-free guidance
+    # the embeddings and mask hold the negative rows first, then the conditional ones, as in Stable Diffusion
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "prompt_attention_mask"]
 
+    # default_guidance_interval is annotated as a union: diffusers' loader warns about a plain tuple annotation
     def __init__(self, unet, text_encoder, tokenizer, scheduler, default_steps: int = 30,
-                 default_guidance_scale: float = 1.0):
+                 default_guidance_scale: float = 1.0,
+                 default_guidance_interval: tuple[float, float] | list[float] = (0.0, 1.0)):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-        self.register_to_config(default_steps=default_steps, default_guidance_scale=default_guidance_scale)
+        self.register_to_config(default_steps=default_steps, default_guidance_scale=default_guidance_scale,
+                                default_guidance_interval=list(default_guidance_interval))
         self._guidance_scale = default_guidance_scale
+        self._guiding = True  # False during the steps outside the guidance interval
         self.strict = False  # True: a prompt longer than the text encoder's window is an error, not a warning
 
     @classmethod
@@ -172,21 +179,21 @@ class DiffXAttnPipeline(DiffusionPipeline):
     # -- properties the attention tools read (same names as diffusers' StableDiffusionPipeline) --
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
+        """Whether the UNet's batch has unconditional rows (first half) now: guidance > 1, and, while sampling,
+        the current step inside the guidance interval. Controllers read it to find the conditional rows."""
+        return self._guidance_scale > 1.0 and self._guiding
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return getattr(self.unet.config, "patch_size", 1) * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings (B, S, D) and key mask (B, S) for a list of prompts ("" = unconditional).
 
         Words past the encoder's max length are dropped with a warning naming them (an error if `self.strict`).
         """
-        text_mod.check_length(self.tokenizer, prompts, self.strict)
-        ids, mask = text_mod.tokenize(self.tokenizer, prompts)
-        embeds = text_mod.encode(self.text_encoder, ids)
-        return embeds.to(self.unet.dtype), mask.to(embeds.device)
+        return conditioning.encode_texts(self.tokenizer, self.text_encoder, prompts, strict=self.strict,
+                                         dtype=self.unet.dtype)
 
     def check_inputs(self, prompts: list[str], negative: list[str] | None, height: int, width: int, steps: int,
                      *, guidance_scale: float = 1.0, num_images: int = 1) -> None:
@@ -216,6 +223,8 @@ class DiffXAttnPipeline(DiffusionPipeline):
         width: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
@@ -224,20 +233,28 @@ class DiffXAttnPipeline(DiffusionPipeline):
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
-        step_prompt_embeds: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None] | None = None,
         callback_on_step_end: Callable[["DiffXAttnPipeline", int, torch.Tensor, dict], dict | None] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate images.
 
-        `prompt_embeds`/`prompt_attention_mask` replace the text encoder's output (used by prompt weighting);
-        `step_prompt_embeds(step)` may return other conditional embeddings for a given step (prompt editing over
-        steps); `callback_on_step_end(pipe, step, timestep, {"latents": x})` may return {"latents": new}.
+        `prompt_embeds`/`prompt_attention_mask` replace the text encoder's output (used by prompt weighting).
+        `callback_on_step_end(pipe, i, t, tensors)` runs after each scheduler step, as in diffusers: `tensors`
+        holds `callback_on_step_end_tensor_inputs` (default ["latents"]; also "prompt_embeds" and
+        "prompt_attention_mask", negative rows first under guidance) and the tensors it returns replace them.
         `generator` may be a list with one generator per image, so an image's bits do not depend on its batch.
+        `guidance_rescale` (0..1) rescales the guided prediction towards the conditional one's standard deviation
+        (Lin et al. 2023); `guidance_interval=(a, b)` applies guidance only in that fraction of the steps (the
+        conditional prediction alone elsewhere, at half the cost; Kynkäänniemi et al. 2024). `None` means the
+        pipeline's default (steps, guidance scale and interval are saved in its config).
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r}; expected 'pil', 'np' or 'pt'")
+        tensor_inputs = self._step_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
         self._guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
+        if guidance_interval is None:
+            guidance_interval = tuple(self.config.get("default_guidance_interval", (0.0, 1.0)))
         size = self.unet.config.sample_size
         height = size if height is None else height
         width = size if width is None else width
@@ -248,49 +265,89 @@ class DiffXAttnPipeline(DiffusionPipeline):
         negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
         self.check_inputs(prompts, negative, height, width, steps, guidance_scale=self._guidance_scale,
                           num_images=len(prompts) * num_images_per_prompt)
+        limits.fraction(guidance_rescale, "guidance_rescale")
+        guidance_interval = limits.interval(guidance_interval, "guidance_interval")
         if isinstance(generator, list) and len(generator) != len(prompts) * num_images_per_prompt:
             raise ValueError(f"got {len(generator)} generators for {len(prompts) * num_images_per_prompt} images")
         device = self._execution_device
 
-        if prompt_embeds is None:
-            prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts)
-        if prompt_attention_mask is None:
-            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.bool, device=prompt_embeds.device)
-        cond = self._repeat(prompt_embeds, prompt_attention_mask, num_images_per_prompt)
-        uncond = None
-        if self.do_classifier_free_guidance:
-            if negative_prompt_embeds is None:
-                negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(negative or [""] * len(prompts))
-            uncond = self._repeat(negative_prompt_embeds, negative_prompt_attention_mask, num_images_per_prompt)
+        self._guiding = True
+        guided = self.do_classifier_free_guidance  # the text input holds negative rows, then conditional ones
+        prompt_embeds, prompt_attention_mask = self._text_input(
+            prompts, negative, num_images_per_prompt, (prompt_embeds, prompt_attention_mask),
+            (negative_prompt_embeds, negative_prompt_attention_mask))
 
-        batch = cond[0].shape[0]
+        batch = len(prompts) * num_images_per_prompt
         shape = (batch, self.unet.config.in_channels, height, width)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         self._num_timesteps = len(self.scheduler.timesteps)
-        # stochastic samplers (DDPM, ancestral) draw their step noise from the same per-image generators
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        step_kwargs = self._step_kwargs(generator)
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            step_cond = step_prompt_embeds(i) if step_prompt_embeds is not None else None
-            c_emb, c_mask = self._repeat(*step_cond, num_images_per_prompt) if step_cond is not None else cond
             x_in = self.scheduler.scale_model_input(latents, t)
-            if uncond is not None:
-                emb, mask = torch.cat([uncond[0], c_emb]), torch.cat([uncond[1], c_mask])
-                pred_u, pred_c = self._predict(torch.cat([x_in, x_in]), t, emb, mask).chunk(2)
+            self._guiding = guidance_interval[0] <= i / len(self.scheduler.timesteps) < guidance_interval[1]
+            if self.do_classifier_free_guidance:
+                x2 = torch.cat([x_in, x_in])  # negative rows, then conditional ones, as in prompt_embeds
+                pred_u, pred_c = self._predict(x2, t, prompt_embeds, prompt_attention_mask).chunk(2)
                 pred = pred_u + self._guidance_scale * (pred_c - pred_u)
+                if guidance_rescale > 0:
+                    pred = rescale_noise_cfg(pred, pred_c, guidance_rescale)
+            elif guided:  # a step outside the guidance interval: the conditional rows alone
+                pred = self._predict(x_in, t, prompt_embeds.chunk(2)[1], prompt_attention_mask.chunk(2)[1])
             else:
-                pred = self._predict(x_in, t, c_emb, c_mask)
+                pred = self._predict(x_in, t, prompt_embeds, prompt_attention_mask)
             latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
-                out = callback_on_step_end(self, i, t, {"latents": latents})
-                if out and "latents" in out:
-                    latents = out["latents"]
+                current = {"latents": latents, "prompt_embeds": prompt_embeds,
+                           "prompt_attention_mask": prompt_attention_mask}
+                out = callback_on_step_end(self, i, t, {k: current[k] for k in tensor_inputs}) or {}
+                latents = out.get("latents", latents)
+                prompt_embeds = out.get("prompt_embeds", prompt_embeds)
+                prompt_attention_mask = out.get("prompt_attention_mask", prompt_attention_mask)
 
+        self._guiding = True
         images = self.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _text_input(self, prompts: list[str], negative: list[str] | None, n: int, given: tuple,
+                    negative_given: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's text input: embeddings (B, S, D) and key mask (B, S), each prompt's rows repeated for its
+        n images; under classifier-free guidance the negative rows first, then the conditional ones (the layout
+        Stable Diffusion's step callbacks see too). `given`: (embeds, mask) passed in, encoded when None."""
+        embeds, mask = given if given[0] is not None else self.encode_prompt(prompts)
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        embeds, mask = self._repeat(embeds, mask, n)
+        if not self.do_classifier_free_guidance:
+            return embeds, mask
+        neg = negative_given if negative_given[0] is not None else self.encode_prompt(negative or [""] * len(prompts))
+        neg_embeds, neg_mask = self._repeat(*neg, n)
+        return torch.cat([neg_embeds, embeds]), torch.cat([neg_mask, mask])
+
+    def _step_tensor_inputs(self, callback, names: list[str] | None) -> list[str]:
+        """The tensors a step callback sees: its own `tensor_inputs` (diffusers' PipelineCallback), the names
+        asked for, or the latents; each must be one of `_callback_tensor_inputs`."""
+        names = list(getattr(callback, "tensor_inputs", None) or names or ["latents"])
+        unknown = [n for n in names if n not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown}: a step callback can read "
+                             f"{self._callback_tensor_inputs}")
+        return names
+
+    def _step_kwargs(self, generator) -> dict:
+        """Extra arguments of `scheduler.step`: stochastic samplers (DDPM, ancestral) draw their step noise from
+        the per-image generators; a DDIM that clips (or thresholds) x0 also recomputes its noise estimate from the
+        clipped x0. Without that, the step mixes a clipped x0 with the noise of the unclipped one, and guidance,
+        which pushes x0 outside [-1, 1], then draws extra objects (guidance 2: all-correct 0.00 vs 0.8)."""
+        params = inspect.signature(self.scheduler.step).parameters
+        kwargs = {"generator": generator} if "generator" in params else {}
+        clips = self.scheduler.config.get("clip_sample") or self.scheduler.config.get("thresholding")
+        if "use_clipped_model_output" in params and clips:
+            kwargs["use_clipped_model_output"] = True
+        return kwargs
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample

@@ -1,22 +1,23 @@
 """Regenerate `samples/`: prompt gallery, heatmap examples (+ viewer screenshot), edit and reweight strips,
-and accuracy against training time.
+accuracy against training time, and accuracy against the guidance scale per sampler.
 
-    diffxattn samples [--pipeline pipelines/shapes-32] [--curve pipelines/shapes-32/curve.json] -o samples
+    diffxattn samples [--pipeline pipelines/shapes-32] [--curve pipelines/shapes-32/curve.json]
+                      [--guidance-reports EVAL.json ...] -o samples
 """
 
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
 from .atomic import save_image
-from .control import AttentionStore
-from .editing import edit, generate
+from .control import AttentionStore, StepRange
+from .generation import edit, generate
 from .heatmaps import export
+from .images import labelled_grid
 
 GALLERY = [
     "a red circle at the left", "a blue square at the top", "a green triangle at the right",
@@ -25,7 +26,7 @@ GALLERY = [
     "a yellow triangle right of a blue diamond", "a small orange circle below a large green square",
     "a red triangle at the top", "a blue circle at the right",  # the last two are held-out combinations
 ]
-FEATURES = {"feature_replace": (0, 0.8)}
+FEATURES = {"feature_replace": StepRange.fraction(0, 0.8)}
 EDITS = [  # (source, target, edit options)
     ("a red circle at the left", "a blue circle at the left", {}),
     ("a red circle at the left", "a blue circle at the left", FEATURES),
@@ -36,20 +37,6 @@ EDITS = [  # (source, target, edit options)
 ]
 REWEIGHT = ("a (red:{w}) circle at the left", (0.25, 0.5, 1.0, 1.5, 2.0, 3.0))
 HEATMAP_PROMPT = "a red circle left of a blue square"
-
-
-def labelled_grid(cells: list[tuple[str, Image.Image]], columns: int, cell: int = 128) -> Image.Image:
-    """Images enlarged (nearest) to `cell` pixels in rows of `columns`, each with its wrapped label below."""
-    labels = [textwrap.wrap(label, max(1, cell // 6)) or [""] for label, _ in cells]
-    label_h = 12 * max(map(len, labels)) + 4
-    rows = (len(cells) + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * cell, rows * (cell + label_h)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for k, ((_, image), label) in enumerate(zip(cells, labels)):
-        x, y = (k % columns) * cell, (k // columns) * (cell + label_h)
-        canvas.paste(image.resize((cell, cell * image.height // image.width), Image.NEAREST), (x, y))
-        draw.multiline_text((x + 2, y + cell + 2), "\n".join(label), fill="black", spacing=1)
-    return canvas
 
 
 def line_chart(points: dict[str, list[tuple[float, float]]], title: str, xlabel: str, size=(640, 360)) -> Image.Image:
@@ -83,8 +70,39 @@ def _seed(s: int) -> torch.Generator:
     return torch.Generator().manual_seed(s)
 
 
+def guidance_curve(report: dict, name: str) -> list[tuple[float, float]]:
+    """(guidance scale, all-correct) of one prompt set of an eval report: its guidance curve plus its main scale
+    (scored in its "sets"), sorted by scale."""
+    curve = {float(g): v[name] for g, v in report["guidance"].items()}
+    curve.setdefault(float(report["config"]["guidance_scale"]), report["sets"][name]["all"])
+    return sorted(curve.items())
+
+
+def guidance_chart(reports: list[dict]) -> Image.Image:
+    """All-correct accuracy against the guidance scale: one panel per prompt set, one line per eval report
+    (labelled with its sampler and settings)."""
+    def label(report: dict) -> str:
+        c = report["config"]
+        words = [c.get("scheduler", "?"), f"{c['steps']} steps"]
+        if c.get("scheduler_config", {}).get("clip_sample"):
+            words.append("clip_sample")
+        if c.get("guidance_rescale"):
+            words.append(f"rescale {c['guidance_rescale']:g}")
+        if c.get("guidance_interval", [0, 1]) != [0, 1]:
+            words.append(f"interval {c['guidance_interval'][0]:g}-{c['guidance_interval'][1]:g}")
+        return " ".join(words)
+
+    names = [n for n in ("single", "two", "heldout") if any(n in r["sets"] for r in reports)]
+    panels = [line_chart({label(r): guidance_curve(r, name) for r in reports},
+                         f"{name}: all-correct vs guidance", "guidance scale") for name in names]
+    canvas = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
+    for k, panel in enumerate(panels):
+        canvas.paste(panel, (k * panel.width, 0))
+    return canvas
+
+
 def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | None = None,
-                 screenshot: bool = True) -> list[Path]:
+                 screenshot: bool = True, guidance_reports: list[str | Path] = ()) -> list[Path]:
     """Write every sample image into `out`; returns the paths written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +128,7 @@ def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | No
     cells = []
     for source, target, options in EDITS:
         src, tgt = edit(pipe, source, target, seed=seed, **options)
-        how = f"edit, features {options['feature_replace'][1]:g}" if options else "edit"
+        how = f"edit, features {options['feature_replace'].end:g}" if options else "edit"
         cells += [(f"source: {source}", src), (f"{how}: {target}", tgt)]
     save_image(labelled_grid(cells, columns=4), out / "edits.png")
     written.append(out / "edits.png")
@@ -128,4 +146,7 @@ def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | No
                   for name in ("single", "two", "heldout")}
         save_image(line_chart(series, "all-correct accuracy vs training time", "training minutes"), out / "accuracy.png")
         written.append(out / "accuracy.png")
+    if guidance_reports:
+        guidance_chart([json.loads(Path(r).read_text()) for r in guidance_reports]).save(out / "guidance.png")
+        written.append(out / "guidance.png")
     return written

@@ -6,6 +6,7 @@ a model trained with v-prediction samples with v-prediction under every schedule
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from diffusers import (
@@ -19,7 +20,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-# name -> (class, extra config that defines the variant)
+# name -> (class, extra config that defines the variant: always applied)
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "ddpm": (DDPMScheduler, {}),
     "ddim": (DDIMScheduler, {"set_alpha_to_one": False}),
@@ -30,6 +31,12 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "unipc": (UniPCMultistepScheduler, {}),
 }
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# name -> settings that differ from diffusers' defaults unless the config given says otherwise
+DEFAULTS: dict[str, dict[str, Any]] = {
+    # DDIM's default clip_sample=True clips x0 but keeps the noise of the unclipped prediction; with guidance
+    # x0 leaves [-1, 1] and the two disagree (see DiffXAttnPipeline._step_kwargs, which also mends that)
+    "ddim": {"clip_sample": False},
+}
 
 
 def make_scheduler(
@@ -40,25 +47,24 @@ def make_scheduler(
     prediction_type: str = "v_prediction",
     config: dict | None = None,
 ) -> SchedulerMixin:
-    """Build scheduler `name`. With `config` (e.g. another scheduler's `.config`), its training settings are kept.
+    """Build scheduler `name`. With `config` (e.g. another scheduler's `.config`), every setting of it that the
+    new class has is kept: the training schedule and the sampler settings (clipping, spacing, ...) alike.
 
     Example:
         >>> pipe.scheduler = make_scheduler("euler", config=pipe.scheduler.config)
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; known schedulers: {', '.join(SCHEDULERS)}")
-    base = {
-        "num_train_timesteps": num_train_timesteps,
-        "beta_schedule": beta_schedule,
-        "prediction_type": prediction_type,
-    }
-    if config is not None:
-        base = {k: config[k] for k in ("num_train_timesteps", "beta_schedule", "prediction_type", "trained_betas",
-                                       "beta_start", "beta_end") if config.get(k) is not None}
-    if base.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {base['prediction_type']!r}")
     cls, variant = SCHEDULERS[name]
-    return cls.from_config({**base, **variant})
+    if config is None:
+        settings = {"num_train_timesteps": num_train_timesteps, "beta_schedule": beta_schedule,
+                    "prediction_type": prediction_type}
+    else:
+        accepted = inspect.signature(cls.__init__).parameters
+        settings = {k: v for k, v in dict(config).items() if k in accepted}
+    if settings.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {settings['prediction_type']!r}")
+    return cls.from_config({**DEFAULTS.get(name, {}), **settings, **variant})
 
 
 def scheduler_name(scheduler: SchedulerMixin) -> str:

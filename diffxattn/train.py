@@ -1,7 +1,7 @@
 """Train a text-to-image UNet (and its small CLIP text encoder) with accelerate.
 
     accelerate launch -m diffxattn.train configs/shapes-32.yaml [section.key=value ...] [--resume latest|PATH]
-    python -m diffxattn.train configs/tiny.yaml train.max_steps=20          # one process
+    diffxattn train configs/tiny.yaml train.max_steps=20                  # one process (or python -m diffxattn.train)
     python -m diffxattn.train export runs/tiny/checkpoints/checkpoint-6 -o pipelines/tiny
 
 Two processes on CPU (`accelerate launch --cpu --num_processes 2` starts only one, accelerate issue #2741):
@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +39,11 @@ from transformers import CLIPTokenizer
 
 from . import atomic, errors, runlock
 from . import checkpoint as ckpt
-from .build import build_dataset, build_models, dataset_captions, make_pipeline
-from .config import ConfigError, ExperimentConfig, OptimConfig, load_config, to_dict
+from .build import build_dataset, build_models, learn_tokenizer, make_pipeline
+from .config import ConfigError, ExperimentConfig, OptimConfig, load_config, overrides_from_argv, to_dict
+from .images import labelled_grid
 from .models import text as text_mod
 from .pipeline import DiffXAttnPipeline
-from .samples import labelled_grid
 
 _NOISE, _DROPOUT = 1, 2  # stream ids of the keyed generators
 
@@ -112,8 +113,8 @@ def snr_loss_weight(noise_scheduler: DDPMScheduler, t: torch.Tensor, gamma: floa
 
 
 @dataclass
-class Run:
-    """Everything the loop's functions share."""
+class TrainState:
+    """Everything the loop's functions share: the models, optimizer and data of a training run, and its position."""
     cfg: ExperimentConfig
     accelerator: Accelerator
     unet: torch.nn.Module  # prepared (maybe DDP-wrapped)
@@ -131,6 +132,7 @@ class Run:
     epoch: int = 0  # data position: the epoch, and how many of its batches this process consumed
     batch_in_epoch: int = 0
     batches_seen: int = 0  # by this process in this invocation
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # this invocation's start (wall clock)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -147,8 +149,7 @@ def run_tokenizer(cfg: ExperimentConfig, accelerator: Accelerator, dataset, resu
             with ckpt.reading(resume):
                 return CLIPTokenizer.from_pretrained(str(resume / ckpt.TOKENIZER))
         if accelerator.is_main_process:
-            captions = dataset_captions(dataset, cfg.text.vocab_captions)
-            return text_mod.build_tokenizer(captions, folder, cfg.text.max_length)
+            return learn_tokenizer(cfg, folder, dataset)
         return CLIPTokenizer.from_pretrained(str(folder))
 
 
@@ -181,7 +182,7 @@ def set_cpu_threads(cfg: ExperimentConfig, accelerator: Accelerator) -> int | No
     return threads
 
 
-def setup(cfg: ExperimentConfig, accelerator: Accelerator, resume: Path | None) -> Run:
+def setup(cfg: ExperimentConfig, accelerator: Accelerator, resume: Path | None) -> TrainState:
     t, o, s = cfg.train, cfg.optim, cfg.scheduler
     set_seed(t.seed)
     dataset = load_dataset(cfg, accelerator.num_processes)
@@ -198,7 +199,7 @@ def setup(cfg: ExperimentConfig, accelerator: Accelerator, resume: Path | None) 
                                     prediction_type=s.prediction_type)
     ema = EMAModel(params, decay=t.ema_decay) if t.ema else None
     text_model = models[1] if cfg.text.train else text_encoder.to(accelerator.device)
-    return Run(cfg, accelerator, models[0], text_model, tokenizer, trained, optimizer, lr_scheduler,
+    return TrainState(cfg, accelerator, models[0], text_model, tokenizer, trained, optimizer, lr_scheduler,
                dataloader, sampler, noise_scheduler, ema, Path(t.output_dir))
 
 
@@ -221,7 +222,7 @@ def _collate(items: list[dict]) -> dict:
             "text": [i["text"] for i in items]}
 
 
-def batch_stream(run: Run):
+def batch_stream(run: TrainState):
     """Batches forever from the run's data position, advancing it."""
     while True:
         run.dataloader.set_epoch(run.epoch)
@@ -237,7 +238,7 @@ def batch_stream(run: Run):
         run.epoch, run.batch_in_epoch = run.epoch + 1, 0
 
 
-def loss_fn(run: Run, batch: dict, micro: int) -> torch.Tensor:
+def loss_fn(run: TrainState, batch: dict, micro: int) -> torch.Tensor:
     """Diffusion loss of one micro-batch; `micro` (the global micro-step) keys noise and caption dropout."""
     cfg, acc = run.cfg, run.accelerator
     x0 = batch["pixel_values"]  # (B, C, H, W) in [-1, 1]
@@ -261,7 +262,7 @@ def loss_fn(run: Run, batch: dict, micro: int) -> torch.Tensor:
     return loss.mean()
 
 
-def train_step(run: Run, batches: list[dict]) -> float:
+def train_step(run: TrainState, batches: list[dict]) -> float:
     """One optimizer step over the accumulated micro-batches; returns the loss (mean over ranks)."""
     acc, g = run.accelerator, len(batches)
     total = torch.zeros((), device=acc.device)
@@ -288,7 +289,7 @@ def train_step(run: Run, batches: list[dict]) -> float:
 
 
 @contextlib.contextmanager
-def ema_weights(run: Run):
+def ema_weights(run: TrainState):
     """The EMA weights in eval mode inside; the training weights (bit-exact) and train mode after."""
     if run.ema is not None:
         run.ema.store(run.params)
@@ -305,12 +306,12 @@ def ema_weights(run: Run):
             run.ema.restore(run.params)
 
 
-def _run_pipeline(run: Run) -> DiffXAttnPipeline:
+def _run_pipeline(run: TrainState) -> DiffXAttnPipeline:
     unwrap = run.accelerator.unwrap_model
     return make_pipeline(run.cfg, unwrap(run.unet), unwrap(run.text_encoder), run.tokenizer)
 
 
-def validate(run: Run) -> None:
+def validate(run: TrainState) -> None:
     """Sample the validation prompts with EMA weights (fixed seeds); save a labelled grid and log it."""
     log = run.cfg.logging
     if run.accelerator.is_main_process:
@@ -325,7 +326,7 @@ def validate(run: Run) -> None:
     run.accelerator.wait_for_everyone()
 
 
-def save(run: Run) -> Path:
+def save(run: TrainState) -> Path:
     """A checkpoint: accelerate's states + data position, EMA (safetensors), config and tokenizer."""
     state = {"step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
              "num_processes": run.accelerator.num_processes}
@@ -342,13 +343,13 @@ def save(run: Run) -> Path:
                                 run.cfg.train.checkpoints_total_limit)
 
 
-def load(run: Run, folder: Path) -> None:
+def load(run: TrainState, folder: Path) -> None:
     """Restore a checkpoint: accelerate's states (weights_only loads), then position and EMA."""
     with ckpt.reading(folder):
         _load(run, folder)
 
 
-def _load(run: Run, folder: Path) -> None:
+def _load(run: TrainState, folder: Path) -> None:
     run.accelerator.load_state(str(folder))
     state = ckpt.read_state(folder)
     run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -361,7 +362,7 @@ def _load(run: Run, folder: Path) -> None:
         run.ema.load_state_dict({**state["ema"], "shadow_params": params})
 
 
-def export_pipeline(run: Run, out: Path) -> None:
+def export_pipeline(run: TrainState, out: Path) -> None:
     """Save the pipeline with EMA weights to `out`, the run's own folder (replaced once the new one is complete)."""
     if run.accelerator.is_main_process:
         with ema_weights(run):
@@ -467,7 +468,7 @@ def run_training(cfg: ExperimentConfig, acc: Accelerator, resume: str | None) ->
     return 0
 
 
-def loop_step(run: Run, stream, bar: tqdm) -> None:
+def loop_step(run: TrainState, stream, bar: tqdm) -> None:
     """One optimizer step of the loop: data, update, progress bar, scalars (validation/checkpoints aside)."""
     t = run.cfg.train
     start = time.perf_counter()
@@ -477,10 +478,11 @@ def loop_step(run: Run, stream, bar: tqdm) -> None:
     bar.update(1)
     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}")
     if run.step % run.cfg.logging.log_every == 0:
-        log_metrics(run, {"loss": loss, "lr": run.lr_scheduler.get_last_lr()[0], "images_per_s": ips})
+        log_metrics(run, {"loss": loss, "lr": run.lr_scheduler.get_last_lr()[0], "images_per_s": ips,
+                          "wall_s": time.perf_counter() - run.started})
 
 
-def log_metrics(run: Run, scalars: dict) -> None:
+def log_metrics(run: TrainState, scalars: dict) -> None:
     """TensorBoard (if enabled) and output_dir/metrics.jsonl (main process)."""
     run.accelerator.log(scalars, step=run.step)
     if run.accelerator.is_main_process:
@@ -489,26 +491,25 @@ def log_metrics(run: Run, scalars: dict) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """`CONFIG [OVERRIDES] [--resume X]` or `export CHECKPOINT -o OUT`; `--a.b 1` means `a.b=1`."""
-    args = []
-    for a in argv:
-        if args and args[-1].startswith("--") and "." in args[-1] and "=" not in args[-1]:
-            args[-1] = f"{args[-1][2:]}={a}"  # the value of `--section.key value`
-        else:
-            args.append(a[2:] if a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a else a)
-    p = errors.OneLineParser(prog="diffxattn.train", description=__doc__.split("\n")[0])
-    if args[:1] == ["export"]:
+    """`CONFIG [OVERRIDES] [--resume X]` or `export CHECKPOINT -o OUT`; overrides (`--a.b 1`, `a.b=1`) are read
+    by `config.overrides_from_argv`, as `diffxattn build` and `diffxattn train` read them."""
+    p = errors.OneLineParser(prog="accelerate launch -m diffxattn.train", description=__doc__.split("\n")[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    if argv[:1] == ["export"]:
         p.add_argument("command", choices=["export"])
         p.add_argument("checkpoint", help="a checkpoint-N folder")
         p.add_argument("-o", "--out", required=True, help="pipeline folder to write")
         p.add_argument("--overwrite", action="store_true",
                        help="replace OUT even if it holds other files than a pipeline diffxattn wrote")
-    else:
-        p.add_argument("config", help="YAML experiment file")
-        p.add_argument("overrides", nargs="*", help="section.key=value")
-        p.add_argument("--resume", help="'latest' (the newest complete checkpoint) or a checkpoint folder")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_intermixed_args(args)
+        return p.parse_args(argv)
+    p.add_argument("config", help="YAML experiment file")
+    p.add_argument("--resume", help="'latest' (the newest complete checkpoint) or a checkpoint folder")
+    args, extra = p.parse_known_args(argv)
+    try:
+        args.overrides = overrides_from_argv(extra)
+    except ConfigError as e:
+        p.error(str(e))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

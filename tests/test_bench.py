@@ -161,3 +161,31 @@ def test_quality_scores_only_the_chosen_prompt_sets(tmp_path):
     row = next(line for line in (tmp_path / "quality.md").read_text().splitlines() if line.startswith("| ours"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[7] == "-" and cells[6] != "-" and cells[8] != "-"  # single, two (not scored), held-out
+
+
+def test_trainer_bench_compares_the_readme_command_with_a_bare_loop(tmp_path):
+    """bench_trainer: the in-process overhead row, and the README's `accelerate launch` command (a subprocess with
+    the user's environment) against the bare loop with the bench's threads."""
+    data = run_quick("bench_trainer", tmp_path)
+    assert data["benchmark"] == "trainer" and data["machine"]["threads"] == 1
+    assert data["trainer_images_per_s"] > 0 and data["bare_images_per_s"] > 0
+    assert data["readme_command_images_per_s"] > 0 and data["bare_around_it_images_per_s"] > 0
+    assert data["readme_vs_bare"] == pytest.approx(data["readme_command_images_per_s"]
+                                                   / data["bare_around_it_images_per_s"])
+    md = (tmp_path / "trainer.md").read_text()
+    assert "`accelerate launch -m diffxattn.train configs/shapes-32.yaml` (README)" in md and ">= 0.9x" in md
+
+
+def test_layouts_bench_compares_the_shipped_and_the_cpu_layout(tmp_path):
+    """bench_layouts: per config its parameters, FLOP per image of a training step, images/s; ratios against the
+    first config. The FLOP counts do not depend on the machine: the 2x2 patch stem costs less per image."""
+    data = run_quick("bench_layouts", tmp_path)
+    shipped, cpu = data["layouts"]["shapes-32"], data["layouts"]["shapes-32-cpu"]
+    assert data["reference"] == "shapes-32" and cpu["config"] == "configs/shapes-32-cpu.yaml"
+    assert shipped["parameters"] == 3_296_835 and cpu["parameters"] > shipped["parameters"]
+    assert 0.5 < cpu["gflop_per_image"] / shipped["gflop_per_image"] < 0.8
+    for v in (shipped, cpu):
+        assert v["images_per_s"] > 0 and v["gflop_per_s"] == pytest.approx(v["gflop_per_image"] * v["images_per_s"])
+    (row,) = data["rows"]
+    assert (row["ours"], row["other"]) == ("shapes-32-cpu", "shapes-32")
+    assert row["ratio"] == pytest.approx(cpu["images_per_s"] / shipped["images_per_s"], rel=1e-9)

@@ -1,9 +1,12 @@
+import re
 import subprocess
 import sys
 
 import numpy as np
+import torch
 from PIL import Image
 
+from diffxattn import DiffXAttnPipeline
 from diffxattn.cli import main
 
 
@@ -62,3 +65,71 @@ def test_edit_and_weighted_generate_from_the_command_line(tmp_path, tiny_pipe):
     r = run_cli("edit", "a red circle", "--to", "a blue circle", "--pipeline", pipe, "--steps", "2",
                 "--feature-replace", "0.5", "--feature-layers", "up_blocks.0.resnet")
     assert r.returncode == 2 and "feature layers ['up_blocks.0.resnet'] are not modules" in r.stderr
+
+
+def test_build_starts_from_model_pretrained(tmp_path, tiny_pipe):
+    tiny_pipe.save_pretrained(tmp_path / "saved")
+    saved = str(tmp_path / "saved")
+    assert main(["build", "configs/tiny.yaml", "-o", str(tmp_path / "built"), f"model.pretrained={saved}",
+                 f"text.pretrained={saved}"]) == 0
+    built = DiffXAttnPipeline.from_pretrained(tmp_path / "built")
+    for name in ("unet", "text_encoder"):
+        a, b = getattr(tiny_pipe, name).state_dict(), getattr(built, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_train_clip_then_build_with_that_text_encoder(tmp_path):
+    from transformers import CLIPTextModel
+
+    clip, built = str(tmp_path / "clip"), str(tmp_path / "built")
+    assert main(["train-clip", "configs/tiny.yaml", "-o", clip, "--steps", "2", "--batch-size", "8",
+                 "text.vocab_captions=200"]) == 0
+    assert main(["build", "configs/tiny.yaml", "-o", built, f"text.pretrained={clip}"]) == 0
+    pipe = DiffXAttnPipeline.from_pretrained(built)
+    saved = CLIPTextModel.from_pretrained(clip).state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in pipe.text_encoder.state_dict().items())
+    assert pipe.text_encoder.config.hidden_size == 32 and pipe.tokenizer.model_max_length == 16
+
+
+def test_guidance_rescale_and_interval_from_the_command_line(tmp_path, tiny_pipe, capsys):
+    """generate / heatmap pass --guidance-rescale and --guidance-interval to the pipeline: the saved PNG is the
+    pipeline's image for the same arguments; out-of-range values are refused with the option named."""
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    pipe = DiffXAttnPipeline.from_pretrained(tmp_path / "pipe")
+    common = ["--pipeline", str(tmp_path / "pipe"), "--steps", "4", "--guidance", "3", "--seed", "2"]
+    for options, kwargs in ((["--guidance-interval", "0:0.5"], {"guidance_interval": (0.0, 0.5)}),
+                            (["--guidance-rescale", "0.7"], {"guidance_rescale": 0.7}), ([], {})):
+        out = tmp_path / f"{len(kwargs)}-{'-'.join(options)}.png"
+        assert main(["generate", "a red circle", *common, *options, "-o", str(out)]) == 0
+        expected = pipe("a red circle", num_inference_steps=4, guidance_scale=3.0,
+                        generator=torch.Generator().manual_seed(2), **kwargs).images[0]
+        assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected)), options
+    files = sorted(tmp_path.glob("*.png"))
+    assert len({np.asarray(Image.open(f)).tobytes() for f in files}) == 3  # each option changes the image
+    assert main(["heatmap", "a red circle", *common[:2], "--num-steps", "2", "--guidance", "3",
+                 "--guidance-interval", "0.5:1", "-o", str(tmp_path / "maps")]) == 0
+    assert (tmp_path / "maps" / "word-01-red.png").is_file()
+    capsys.readouterr()
+    for option, value, message in (("--guidance-interval", "0.6:0.2", "must have 0 <= START < END <= 1"),
+                                   ("--guidance-interval", "half", "expected START:END fractions of the steps"),
+                                   ("--guidance-rescale", "1.5", "expected a number from 0 to 1, got 1.5"),
+                                   ("--guidance-rescale", "nan", "expected a number from 0 to 1, got nan")):
+        try:
+            code = main(["generate", "a red circle", *common, option, value, "-o", str(tmp_path / "bad.png")])
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and f"argument {option}: " in err and message in err, (option, value, err)
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_pipeline_refuses_a_bad_guidance_rescale_or_interval(tiny_pipe):
+    import pytest
+
+    from diffxattn.limits import LimitError
+
+    for kwargs, message in ((dict(guidance_rescale=float("nan")), "guidance_rescale=nan must be a number from 0 to 1"),
+                            (dict(guidance_interval=(0.5, 0.5)), "must have 0 <= START < END <= 1"),
+                            (dict(guidance_interval=(0.5,)), "must be two fractions (START, END)")):
+        with pytest.raises(LimitError, match=re.escape(message)):
+            tiny_pipe("a red circle", num_inference_steps=2, guidance_scale=2.0, **kwargs)

@@ -132,3 +132,23 @@ def test_position_and_relation_geometry():
     assert relation_holds(top, bottom, "above") and relation_holds(bottom, top, "below")
     with pytest.raises(ValueError, match="'beside'"):
         relation_holds(a, b, "beside")
+
+
+def test_failure_names_the_first_failed_clause():
+    from diffxattn.eval.detector import failure_of
+
+    def det(color, shape, x, y=16.0, size="small"):
+        return Detection(color=color, shape=shape, size=size, center=(x, y), bbox=(0, 0, 1, 1),
+                         mask=np.zeros((32, 32), bool), area=40)
+
+    prompt = "a red circle left of a blue square"
+    assert failure_of(prompt, [det("red", "circle", 8), det("blue", "square", 24)], 32) is None
+    assert failure_of(prompt, [det("red", "circle", 8)], 32) == "missing object"
+    assert failure_of(prompt, [det("red", "circle", 8), det("blue", "square", 24), det("green", "circle", 16)],
+                      32) == "extra object"
+    assert failure_of(prompt, [det("red", "circle", 8), det("green", "square", 24)], 32) == "color missing"
+    assert failure_of(prompt, [det("red", "square", 8), det("blue", "circle", 24)], 32) == "colors bound to swapped shapes"
+    assert failure_of(prompt, [det("red", "circle", 8), det("blue", "triangle", 24)], 32) == "wrong shape"
+    assert failure_of(prompt, [det("red", None, 8), det("blue", "square", 24)], 32) == "wrong shape"  # unclassified
+    assert failure_of(prompt, [det("blue", "square", 8), det("red", "circle", 24)], 32) == "wrong relation"
+    assert failure_of("a red circle at the left", [det("red", "circle", 24)], 32) == "wrong position"

@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffxattn.control import AttentionStore
-from diffxattn.control.edits import AttentionReweight, PromptToPrompt, embedding_weights, token_mapper
-from diffxattn.editing import edit, generate
+from diffxattn.control import AttentionStore, StepRange
+from diffxattn.conditioning import weighted_embeddings
+from diffxattn.control.edits import AttentionReweight, PromptToPrompt, token_mapper
+from diffxattn.generation import edit, generate
 from diffxattn.models import text as text_mod
 from conftest import seeded
 
@@ -38,12 +39,12 @@ def test_attention_reweight_changes_only_the_target_tokens_columns(tiny_pipe):
 def test_embedding_weight_one_is_identical_and_weights_move_the_embedding(tiny_pipe):
     z, _ = tiny_pipe.encode_prompt(["a red circle"])
     for mode in ("compel", "a1111"):
-        same, _ = embedding_weights(tiny_pipe, ["a (red:1) circle"], mode)
+        same, _ = weighted_embeddings(tiny_pipe, ["a (red:1) circle"], mode)
         assert torch.equal(same, z)
     plain = tiny_pipe("a red circle", generator=seeded(0), **KW).images
     one = generate(tiny_pipe, "a (red:1.0) circle", weight_mode="embedding", generator=seeded(0), **KW).images
     assert np.array_equal(plain, one)
-    z2, _ = embedding_weights(tiny_pipe, ["a (red:2) circle"], "compel")
+    z2, _ = weighted_embeddings(tiny_pipe, ["a (red:2) circle"], "compel")
     z_empty, _ = tiny_pipe.encode_prompt([""])
     torch.testing.assert_close(z2[0, 2], z_empty[0, 2] + 2 * (z[0, 2] - z_empty[0, 2]))
     torch.testing.assert_close(z2[0, 3], z[0, 3])
@@ -58,9 +59,9 @@ def test_embedding_down_weight_fades_the_word_out_of_later_tokens(tiny_pipe):
     assert torch.equal(without[0, :2], z[0, :2])  # causal: tokens before the word are unchanged
     assert not torch.allclose(without[0, 3], z[0, 3])  # "circle" no longer carries "red"
     z_empty, _ = tiny_pipe.encode_prompt([""])
-    zero, _ = embedding_weights(tiny_pipe, ["a (red:0) circle"], "compel")
+    zero, _ = weighted_embeddings(tiny_pipe, ["a (red:0) circle"], "compel")
     torch.testing.assert_close(zero[0, 3:], without[0, 3:], atol=1e-4, rtol=0)  # weight 0: the word is gone
-    half, _ = embedding_weights(tiny_pipe, ["a (red:0.5) circle"], "compel")
+    half, _ = weighted_embeddings(tiny_pipe, ["a (red:0.5) circle"], "compel")
     base = z.clone()
     base[0, 2] = z_empty[0, 2] + 0.5 * (z[0, 2] - z_empty[0, 2])
     torch.testing.assert_close(half, (base + without) / 2)  # weight 0.5: half-way (lerp weight tan(pi/4) = 1)
@@ -90,7 +91,7 @@ def test_word_swap_keeps_source_maps_and_changes_the_image(tiny_pipe):
 
 def test_per_word_cross_replace_and_bad_word(tiny_pipe):
     p2p = PromptToPrompt(tiny_pipe, "a red circle", "a blue circle", cross_replace={"default": (0, 1.0), "blue": (0, 0.25)})
-    assert p2p.cross_ranges[2] == (0, 0.25) and p2p.cross_ranges[3] == (0, 1.0)
+    assert p2p.cross_ranges[2] == StepRange.fraction(0, 0.25) and p2p.cross_ranges[3] == StepRange.fraction(0, 1)
     with pytest.raises(ValueError, match="cross_replace names \\['green'\\]"):
         PromptToPrompt(tiny_pipe, "a red circle", "a blue circle", cross_replace={"green": (0, 1.0)})
 
@@ -181,3 +182,35 @@ def test_prompt_to_prompt_edits_on_stable_diffusion(sd_pipe):
     assert blend.mask.shape[-2:] == (8, 8) and outside.any() and not outside.all()
     assert torch.equal(latents[1][:, outside], latents[0][:, outside])
     assert not torch.equal(latents[1], latents[0])
+
+
+@pytest.mark.parametrize("which", ["tiny_pipe", "sd_pipe"])
+def test_a_user_callback_and_a_prompt_schedule_both_take_effect(which, request):
+    pipe = request.getfixturevalue(which)
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np")
+    calls = []
+
+    def brighten(pipe, step, timestep, tensors):  # the user's own step callback
+        calls.append(step)
+        return {"latents": tensors["latents"] + 0.05}
+
+    schedule_only = generate(pipe, "a [red:blue:2] circle", generator=seeded(0), **kw).images
+    red_and_callback = generate(pipe, "a red circle", generator=seeded(0), callback_on_step_end=brighten, **kw).images
+    both = generate(pipe, "a [red:blue:2] circle", generator=seeded(0), callback_on_step_end=brighten, **kw).images
+    assert calls == [0, 1, 2, 3] * 2
+    assert not np.allclose(both, schedule_only)  # the callback acted...
+    assert not np.allclose(both, red_and_callback)  # ...and so did the schedule
+
+
+def test_edit_runs_a_user_callback_after_local_blend_on_stable_diffusion(sd_pipe):
+    seen = []
+
+    def record(pipe, step, timestep, tensors):  # the user's callback sees the latents local blend left
+        seen.append(tensors["latents"].clone())
+
+    result = edit(sd_pipe, "a red circle", "a blue circle", local_blend=["red", "blue"], blend_threshold=0.99,
+                  callback_on_step_end=record, num_inference_steps=4, guidance_scale=5.0, output_type="latent")
+    assert len(seen) == 4 and torch.equal(seen[-1], torch.stack(list(result)))
+    outside = ~result.mask[::2, ::2]  # the image-size mask back at the 8x8 latents (vae_scale_factor 2)
+    assert result.mask.shape == (16, 16) and outside.any() and not outside.all()
+    assert torch.equal(seen[-1][1][:, outside], seen[-1][0][:, outside])

@@ -8,12 +8,12 @@ import torch
 from diffxattn.cli import main
 from diffxattn.control.store import word_keys
 from diffxattn.data import ShapesConfig, parse_caption, parse_caption_words, render, scene_from_caption
-from diffxattn.editing import edit
+from diffxattn.generation import edit
 from diffxattn.eval import metrics
 from diffxattn.eval.detector import detect
 from diffxattn.eval.prompts import (FULL_SIZES, QUICK_SIZES, color_swap, first_object, prompt_sets, reweighted,
                                     shape_swap)
-from diffxattn.eval.run import _blend_edit, _HeatmapTally, evaluate
+from diffxattn.eval.run import _HeatmapTally, evaluate
 
 SHIPPED = Path(__file__).resolve().parent.parent / "pipelines" / "shapes-32"
 
@@ -171,14 +171,17 @@ def test_swap_scores_on_ground_truth_pair():
                                                                 "position_kept": True, "mask_iou": 1.0}
 
 
-def test_blend_edit_gives_edits_images_and_its_mask(tiny_pipe):
-    kw = dict(num_inference_steps=3, guidance_scale=1.0)
+def test_edit_returns_the_blend_mask_that_kept_the_source_outside(tiny_pipe):
+    kw = dict(num_inference_steps=3, guidance_scale=1.0, output_type="np")
     source, target = "a red circle at the left", "a blue circle at the left"
-    src, tgt = edit(tiny_pipe, source, target, local_blend=["red", "blue"], seed=3, output_type="np", **kw)
-    b_src, b_tgt, mask = _blend_edit(tiny_pipe, source, target, ["red", "blue"], 3, **kw)
-    np.testing.assert_array_equal(b_src, metrics.to_uint8(src))
-    np.testing.assert_array_equal(b_tgt, metrics.to_uint8(tgt))
-    assert mask.shape == (16, 16) and mask.dtype == bool
+    src, tgt = edit(tiny_pipe, source, target, local_blend=["red", "blue"], blend_threshold=0.9, seed=3, **kw)
+    result = edit(tiny_pipe, source, target, local_blend=["red", "blue"], blend_threshold=0.9, seed=3, **kw)
+    np.testing.assert_array_equal(result.source, src)
+    np.testing.assert_array_equal(result.edited, tgt)
+    mask = result.mask.numpy()
+    assert mask.shape == (16, 16) and mask.dtype == bool and mask.any() and not mask.all()
+    assert np.abs(src - tgt)[~mask].max() < 1 / 255 < np.abs(src - tgt)[mask].max()  # the edit shows only inside
+    assert edit(tiny_pipe, source, target, seed=3, **kw).mask is None  # no local blend, no mask
 
 
 def _numbers(tree):

@@ -7,17 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffxattn.prompts import (
-    MAX_WEIGHT,
-    MIN_WEIGHT,
-    PromptSyntaxError,
-    Run,
-    clean_text,
-    parse_schedule,
-    parse_weights,
-    token_weights,
-    word_token_map,
-)
+from diffxattn.conditioning import token_weights, word_token_map
+from diffxattn.prompt_syntax import MAX_WEIGHT, MIN_WEIGHT, PromptSyntaxError, clean_text, parse_schedule, parse_weights
+from diffxattn.prompt_syntax import WeightedSpan as Run
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

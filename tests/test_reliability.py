@@ -19,19 +19,18 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
-from diffxattn import DiffXAttnPipeline
+from diffxattn import DiffXAttnPipeline, conditioning
 from diffxattn import checkpoint as ckpt
 from diffxattn import train as T
 from diffxattn.cli import main
 from diffxattn.config import ConfigError, load_config
 from diffxattn.control import AttentionStore
 from diffxattn.data import ImageFolderDataset
-from diffxattn.editing import generate
+from diffxattn.generation import generate
 from diffxattn.heatmaps import export
 from diffxattn.limits import LimitError
-from diffxattn.models import text as text_mod
 from diffxattn.pipeline import NonFiniteImageError
-from diffxattn.prompts import PromptSyntaxError, parse_weights
+from diffxattn.prompt_syntax import PromptSyntaxError, parse_weights
 from conftest import seeded
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -488,7 +487,7 @@ def test_scale_below_one_is_an_error(pipe_dir, tmp_path, capsys, command, scale)
 def test_a_huge_prompt_is_quoted_briefly_in_warnings_and_errors(tiny_pipe):
     prompt = "a red circle " + "left of a blue square " * 20_000  # 440 KB
     with pytest.warns(UserWarning) as caught:
-        text_mod.check_length(tiny_pipe.tokenizer, [prompt])
+        conditioning.check_length(tiny_pipe.tokenizer, [prompt])
     assert len(str(caught[0].message)) < 400 and "these words are dropped: of a blue square" in str(caught[0].message)
     with pytest.raises(PromptSyntaxError) as info:
         parse_weights(prompt + "(unclosed")

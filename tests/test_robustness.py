@@ -15,7 +15,7 @@ from diffxattn import DiffXAttnPipeline
 from diffxattn.browser import SKIP_REASON, chromium_available, open_page
 from diffxattn.control import AttentionStore
 from diffxattn.heatmaps import export
-from diffxattn.models.text import PromptTooLongError
+from diffxattn.conditioning import PromptTooLongError
 from conftest import seeded
 
 LONG = "a red circle left of a blue square above a green triangle below a yellow diamond"

@@ -1,5 +1,7 @@
 """The trained pipeline shipped in pipelines/shapes-32: its attention points where the words say."""
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +42,13 @@ def test_shipped_pipeline_is_small_and_loads_with_plain_diffusers():
 
 
 def test_local_blend_mask_covers_the_object_and_keeps_the_rest(shipped):
+    from diffxattn.eval import metrics
     from diffxattn.eval.detector import detect
-    from diffxattn.eval.run import _blend_edit
+    from diffxattn.generation import edit
 
-    src, tgt, mask = _blend_edit(shipped, "a red circle at the left", "a green circle at the left", ["circle"], 0)
+    result = edit(shipped, "a red circle at the left", "a green circle at the left", local_blend=["circle"],
+                  output_type="np")
+    (src, tgt), mask = metrics.to_uint8(list(result)), result.mask.numpy()
     objects = detect(src)
     assert objects and objects[0].color == "red"
     assert mask.mean() < 0.9 and mask[objects[0].mask].mean() > 0.9  # a region around the object, not everything
@@ -53,8 +58,8 @@ def test_local_blend_mask_covers_the_object_and_keeps_the_rest(shipped):
 
 
 def test_feature_injection_keeps_the_object_while_the_color_changes(shipped):
-    from diffxattn.editing import edit
     from diffxattn.eval import metrics
+    from diffxattn.generation import edit
 
     plain = metrics.to_uint8(list(edit(shipped, "a red circle at the left", "a blue circle at the left",
                                        output_type="np")))
@@ -68,3 +73,24 @@ def test_feature_injection_keeps_the_object_while_the_color_changes(shipped):
         shipped, "a red circle at the left", "a red square at the left", feature_replace=(0, 0.8), output_type="np"))),
         "square", "shape")
     assert not shape["target_shape"] and shape["color_kept"]  # features fix the shape: no shape swap with them
+
+
+def test_shipped_defaults_are_what_the_model_card_says():
+    from diffxattn.schedulers import scheduler_name
+
+    card = (SHIPPED / "README.md").read_text()
+    row = re.search(r"^\| sampling default \| (\S+) \(clip_sample (true|false)\), (\d+) steps, guidance ([\d.]+), "
+                    r"guided steps ([\d.]+)-([\d.]+) \|$", card, re.M)
+    assert row, "the model card has no parsable '| sampling default |' row"
+    name, clip, steps, guidance, start, end = row.groups()
+    pipe = DiffXAttnPipeline.from_pretrained(SHIPPED)
+    assert scheduler_name(pipe.scheduler) == name
+    assert pipe.scheduler.config.clip_sample is (clip == "true")
+    assert pipe.config.default_steps == int(steps)
+    assert pipe.config.default_guidance_scale == float(guidance)
+    assert list(pipe.config.default_guidance_interval) == [float(start), float(end)]
+    # ...and the eval report the card quotes was scored at exactly these settings
+    report = json.loads((SHIPPED / "eval.json").read_text())["config"]
+    assert (report["scheduler"], report["scheduler_config"]["clip_sample"], report["steps"], report["guidance_scale"],
+            report["guidance_interval"], report["seeds"]) == (name, clip == "true", int(steps), float(guidance),
+                                                              [float(start), float(end)], 2)

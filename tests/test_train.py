@@ -22,7 +22,8 @@ from diffxattn.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
-QUIET = ["logging.tensorboard=false", "logging.validation_prompts=[a red circle]", "scheduler.steps=2"]
+QUIET = ["logging.tensorboard=false", "logging.validation_prompts=[a red circle]", "scheduler.steps=2",
+         "train.cpu_threads=1"]  # tiny models: one thread is fastest
 # the launch line that really starts 2 CPU processes (`--cpu --num_processes 2` starts one: accelerate #2741)
 LAUNCH_2_CPU = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
@@ -301,3 +302,51 @@ def test_model_pretrained_starts_from_a_saved_unet_and_refuses_another_architect
     assert train(tmp_path / "ft", f"model.pretrained={saved}", f"text.pretrained={saved}", "text.train=false",
                  "train.max_steps=1", "logging.validate_every=100") == 0
     assert train(tmp_path / "bad", f"model.pretrained={tmp_path / 'nowhere'}") == 2
+
+
+def test_diffxattn_train_is_the_same_trainer(runs, tmp_path):
+    """`diffxattn train CONFIG [overrides]` trains exactly as `accelerate launch -m diffxattn.train` does."""
+    from diffxattn.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["train", TINY, f"train.output_dir={out}", *QUIET, *RESUME_ARGS]) == 0
+    weights = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    assert max_diff(load_file(runs[0] / weights), load_file(out / weights)) == 0
+    assert main(["train", TINY, f"train.output_dir={out}", "--resme", "latest"]) == 2  # a typo is no override
+
+
+def test_one_override_parser_reads_every_spelling():
+    from diffxattn.config import overrides_from_argv
+
+    argv = ["--train.lr", "3e-4", "data.size=16", "--resume", "latest", "--logging.log_every=2", "--train.seed", "-1"]
+    args = T.parse_args([TINY, *argv])
+    assert args.config == TINY and args.resume == "latest"
+    expected = ["train.lr=3e-4", "data.size=16", "logging.log_every=2", "train.seed=-1"]
+    assert args.overrides == expected == overrides_from_argv([a for a in argv if a not in ("--resume", "latest")])
+    with pytest.raises(SystemExit):
+        T.parse_args([TINY, "--resme", "latest"])
+
+
+def test_trainer_gives_torch_every_usable_core_split_among_local_processes(monkeypatch):
+    """`accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise: the trainer sets the threads itself."""
+    acc = T.make_accelerator(load_config(TINY))
+    monkeypatch.setattr(T, "usable_cores", lambda: 4)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert T.set_cpu_threads(load_config(TINY), acc) == 4 and torch.get_num_threads() == 4
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine share its cores
+        assert T.set_cpu_threads(load_config(TINY), acc) == 2 and torch.get_num_threads() == 2
+        assert T.set_cpu_threads(load_config(TINY, ["train.cpu_threads=1"]), acc) == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match=r"train.cpu_threads=0 must be > 0"):
+        load_config(TINY, ["train.cpu_threads=0"])
+
+
+def test_metrics_log_the_wall_clock(tmp_path):
+    assert train(tmp_path, "train.max_steps=3") == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    walls = [r["wall_s"] for r in rows]
+    assert [r["step"] for r in rows] == [1, 2, 3] and 0 < walls[0] < walls[1] < walls[2]

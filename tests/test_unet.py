@@ -81,3 +81,27 @@ def test_layers_per_block_per_level_from_a_config_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("model:\n  layers_per_block: two\n")
     with pytest.raises(ConfigError, match="model.layers_per_block"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_patch_stem_runs_the_first_level_at_half_resolution(tiny_text):
+    """patch_size=2: a 32x32 image is processed on a 16x16 grid (attention maps at 16 and 8), and the output
+    has the input's shape again (pixel shuffle)."""
+    tokenizer, encoder = tiny_text
+    torch.manual_seed(0)
+    unet = XAttnUNet(sample_size=32, patch_size=2, block_out_channels=(16, 32), layers_per_block=1, num_heads=2,
+                     cross_attention_resolutions=(16, 8), self_attention_resolutions=(8,), cross_attention_dim=32)
+    seen = {}
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            module.register_forward_pre_hook(lambda m, args, name=name: seen.update({name: args[0].shape[1]}))
+    x = torch.randn(2, 3, 32, 32)
+    out = unet(x, torch.tensor([10, 900]), torch.randn(2, 5, 32)).sample
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert sorted(set(seen.values())) == [64, 256]  # 8x8 and 16x16 query tokens
+    assert unet.downsample_factor == 4
+    pipe = DiffXAttnPipeline(unet, encoder, tokenizer, make_scheduler("ddim"))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.downsample_factor == 4
+    assert pipe("a red circle", num_inference_steps=2, generator=seeded(0), output_type="pt").images.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"sample_size=36 must be divisible by patch_size \* 2\*\*\(levels-1\)=8"):
+        XAttnUNet(sample_size=36, patch_size=4, block_out_channels=(16, 32), num_heads=2)

@@ -8,51 +8,41 @@ kept exactly, and only what the text adds through cross-attention (a color, not 
 
     with PromptToPrompt(pipe, "a red circle at the left", "a blue circle at the left") as p2p:
         source, edited = pipe(p2p.prompts, generator=[g(0), g(0)]).images
+
+`diffxattn.generation.edit` does this (with weights, local blend and feature injection) in one call.
 """
 
 from __future__ import annotations
 
 import difflib
-import itertools
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .. import prompts as prompt_syntax
-from ..models import text as text_mod
-from ..pipeline import DiffXAttnPipeline
-from .processor import AttnCall, ControllerContext, sampling_state
+from ..conditioning import TokenizedPrompt
+from .processor import AttnCall, ControllerContext, step_clock
+from .steps import SamplingRun, StepRange
 
 FEATURE_LAYERS = ("up_blocks.0.resnets.0",)  # the decoder's first ResBlock, the same name on both UNets
-
-
-def in_range(call: AttnCall, steps: tuple) -> bool:
-    """Whether the call's (or sampling state's) step lies in (start, end): ints are step indices (end
-    exclusive), floats fractions."""
-    start, end = steps
-    if isinstance(start, int) and isinstance(end, int) and not isinstance(start, bool):
-        return start <= call.step < end
-    return start <= call.fraction < end
 
 
 class AttentionReweight(ControllerContext):
     """Scale the cross-attention probabilities of chosen tokens (prompt-to-prompt's reweight).
 
     weights: (rows, S) per conditional row and token position (1 = unchanged), or a function
-    step -> (rows, S) for weights that change over steps. With weight 1 everywhere the image is bit-identical
-    to no reweighting.
+    step -> (rows, S) for weights that change over steps; steps: a `StepRange` (or what `StepRange.of` reads).
+    With weight 1 everywhere the image is bit-identical to no reweighting.
     """
 
     edits = True
 
-    def __init__(self, pipe, weights: torch.Tensor | Callable[[int], torch.Tensor], steps: tuple = (0, 1.0)):
+    def __init__(self, pipe, weights: torch.Tensor | Callable[[int], torch.Tensor], steps=StepRange.fraction(0, 1)):
         super().__init__(pipe)
-        self.weights, self.steps = weights, steps
+        self.weights, self.steps = weights, StepRange.of(steps)
 
     def wants(self, call: AttnCall) -> bool:
-        return call.cross and in_range(call, self.steps)
+        return call.cross and self.steps.contains(call.step, call.num_steps)
 
     def edit(self, call: AttnCall, probs: torch.Tensor) -> torch.Tensor:
         w = self.weights(call.step) if callable(self.weights) else self.weights
@@ -63,15 +53,15 @@ class AttentionReweight(ControllerContext):
         return out
 
 
-def token_mapper(tokenizer, source: str, target: str) -> tuple[torch.Tensor, bool]:
+def token_mapper(tokenizer, source: str | TokenizedPrompt, target: str | TokenizedPrompt
+                 ) -> tuple[torch.Tensor, bool]:
     """For each target token position, the source position whose attention it takes (-1: its own).
 
     Same number of tokens -> a word swap (position j takes source position j). Otherwise -> refine:
     tokens are aligned with difflib; equal runs and same-length replacements map position by position,
     inserted words keep their own attention. Returns (mapper (S,), is_swap).
     """
-    src = tokenizer(prompt_syntax.clean_text(source)).input_ids
-    tgt = tokenizer(prompt_syntax.clean_text(target)).input_ids
+    src, tgt = TokenizedPrompt.of(tokenizer, source).ids, TokenizedPrompt.of(tokenizer, target).ids
     size = tokenizer.model_max_length
     if len(src) == len(tgt):
         return torch.arange(size), True
@@ -88,33 +78,39 @@ def token_mapper(tokenizer, source: str, target: str) -> tuple[torch.Tensor, boo
 class PromptToPrompt(ControllerContext):
     """Edit an image by editing its prompt, keeping the layout (word swap, refine, reweight).
 
-    cross_replace: step range (or fraction (0, f)) in which the target's cross-attention maps come from the
-    source; or a dict {word: range} per target word, others using the `"default"` entry.
-    self_replace: step range in which the target's self-attention maps come from the source.
-    feature_replace: step range in which the target's outputs of the ResBlocks `feature_layers` are the
+    Step ranges are `StepRange`s (or what `StepRange.of` reads: a fraction 0.8, "0:10", (0, 0.8), ...).
+    cross_replace: the steps in which the target's cross-attention maps come from the source; or a dict
+    {word: range} per target word, others using the `"default"` entry.
+    self_replace: the steps in which the target's self-attention maps come from the source.
+    feature_replace: the steps in which the target's outputs of the ResBlocks `feature_layers` are the
     source's (Plug-and-Play feature injection; off by default). It keeps the object's shape and position
     exactly, so use it for attribute edits (a color); it also stops a swapped shape word from changing the shape.
     weights: optional {target word: weight} applied on top (prompt-to-prompt's reweight edit).
+    source, target: text without weight syntax, or `TokenizedPrompt`s (their clean text is used).
     The batch must be [source, target] conditional rows: use `pipe(p2p.prompts, ...)`.
     """
 
     edits = True
 
-    def __init__(self, pipe, source: str, target: str, *, cross_replace=(0, 0.8), self_replace=(0, 0.4),
-                 feature_replace=(0, 0), feature_layers=FEATURE_LAYERS, weights: dict[str, float] | None = None):
+    def __init__(self, pipe, source: str | TokenizedPrompt, target: str | TokenizedPrompt, *,
+                 cross_replace=StepRange.fraction(0, 0.8), self_replace=StepRange.fraction(0, 0.4),
+                 feature_replace=StepRange.fraction(0, 0), feature_layers=FEATURE_LAYERS,
+                 weights: dict[str, float] | None = None):
         super().__init__(pipe)
         modules = dict(pipe.unet.named_modules())
         unknown = [name for name in feature_layers if name not in modules]
         if unknown:
             resnets = [n for n in modules if n.split(".")[-2:-1] == ["resnets"]]
             raise ValueError(f"feature layers {unknown} are not modules of the UNet; its ResBlocks are {resnets}")
-        self.feature_replace, self.feature_layers, self.hooks = feature_replace, list(feature_layers), []
-        self.prompts = [source, target]
+        self.feature_replace, self.feature_layers, self.hooks = StepRange.of(feature_replace), list(feature_layers), []
+        source, target = TokenizedPrompt.of(pipe.tokenizer, source), TokenizedPrompt.of(pipe.tokenizer, target)
+        self.prompts = [source.clean, target.clean]
         self.mapper, self.is_swap = token_mapper(pipe.tokenizer, source, target)
         size = pipe.tokenizer.model_max_length
-        self.words = prompt_syntax.word_token_map(prompt_syntax.clean_text(target), pipe.tokenizer)
+        self.words = target.words
         ranges = cross_replace if isinstance(cross_replace, dict) else {"default": cross_replace}
-        self.cross_ranges = [ranges.get("default", (0, 0.8))] * size
+        ranges = {word: StepRange.of(r) for word, r in ranges.items()}
+        self.cross_ranges = [ranges.get("default", StepRange.fraction(0, 0.8))] * size
         for word, pos in self.words:
             if word in ranges:
                 for p in pos:
@@ -123,16 +119,16 @@ class PromptToPrompt(ControllerContext):
         if unknown:
             raise ValueError(f"cross_replace names {sorted(unknown)}, not words of the target prompt "
                              f"{[w for w, _ in self.words]}")
-        self.self_replace = self_replace
+        self.self_replace = StepRange.of(self_replace)
         self.token_weights = torch.ones(size)
         for word, w in (weights or {}).items():
-            positions = [p for x, pos in self.words if x == word for p in pos]
+            positions = target.positions([word])
             if not positions:
                 raise ValueError(f"weights names {word!r}, not a word of the target prompt {[w for w, _ in self.words]}")
             self.token_weights[positions] = w
 
     def begin(self, pipe) -> None:
-        self.state = sampling_state(pipe)
+        self.clock = step_clock(pipe)
         self.hooks = [pipe.unet.get_submodule(name).register_forward_hook(self._inject)
                       for name in self.feature_layers]
 
@@ -143,7 +139,7 @@ class PromptToPrompt(ControllerContext):
 
     def _inject(self, module, args, output: torch.Tensor) -> torch.Tensor | None:
         """Rows are [source, target] pairs (unconditional pair first under guidance): targets take the sources'."""
-        if not in_range(self.state, self.feature_replace):
+        if not self.feature_replace.contains(self.clock.step, self.clock.num_steps):
             return None
         output = output.clone()
         output[1::2] = output[0::2]
@@ -153,13 +149,14 @@ class PromptToPrompt(ControllerContext):
         if call.batch - call.cond_start != 2:
             raise ValueError(f"prompt-to-prompt needs exactly a [source, target] batch, got "
                              f"{call.batch - call.cond_start} conditional rows; call pipe(p2p.prompts)")
-        return call.cross or in_range(call, self.self_replace)
+        return call.cross or self.self_replace.contains(call.step, call.num_steps)
 
     def edit(self, call: AttnCall, probs: torch.Tensor) -> torch.Tensor:
         cs = call.cond_start
         src, tgt = probs[cs], probs[cs + 1]  # (heads, N, S)
         if call.cross:
-            replace = torch.tensor([in_range(call, r) for r in self.cross_ranges], device=probs.device)
+            replace = torch.tensor([r.contains(call.step, call.num_steps) for r in self.cross_ranges],
+                                   device=probs.device)
             replace &= self.mapper >= 0
             taken = src[..., self.mapper.clamp_min(0)]  # the source's column for each target token
             new = torch.where(replace, taken, tgt) * self.token_weights.to(probs)
@@ -175,26 +172,30 @@ class LocalBlend(ControllerContext):
 
     After each step, target latents become source + mask * (target - source), where the mask is where the
     cross-attention maps of `words` (in source or target), summed over the steps so far and max-pooled over
-    `dilate` latent pixels as prompt-to-prompt does, exceed `threshold` after min-max scaling, from `start`
-    (fraction of the run) on. Use
+    `dilate` latent pixels as prompt-to-prompt does, exceed `threshold` after min-max scaling; it is applied
+    in the steps `steps` (a `StepRange`; `start=f` is the old spelling of fraction(f, 1)). Use
     `callback_on_step_end=blend.callback` in the pipeline call.
     """
 
-    def __init__(self, pipe, prompts: list[str], words: list[str], *, threshold: float = 0.3, start: float = 0.2,
-                 resolutions=None, dilate: int = 2):
+    def __init__(self, pipe, prompts: list[str | TokenizedPrompt], words: list[str], *, threshold: float = 0.3,
+                 steps=StepRange.fraction(0.2, 1), start: float | None = None, resolutions=None, dilate: int = 2):
         if not 0 <= threshold < 1:
             raise ValueError(f"local blend threshold {threshold} must be in [0, 1)")
         super().__init__(pipe)
-        self.threshold, self.start, self.resolutions, self.dilate = threshold, start, resolutions, dilate
-        self.positions = []
-        for prompt in prompts:
-            pairs = prompt_syntax.word_token_map(prompt_syntax.clean_text(prompt), pipe.tokenizer)
-            self.positions.append([p for w, pos in pairs if w in words for p in pos])
+        self.steps = StepRange.of(steps) if start is None else StepRange.fraction(start, 1)
+        self.threshold, self.resolutions, self.dilate = threshold, resolutions, dilate
+        self.positions = [TokenizedPrompt.of(pipe.tokenizer, p).positions(words) for p in prompts]
         if not any(self.positions):
-            raise ValueError(f"local blend words {words} appear in neither prompt: {prompts}")
-        self.maps: list[torch.Tensor] = []  # this step's maps, one per layer
-        self.total: torch.Tensor | None = None  # (rows, 1, H, W) summed over the steps so far
-        self.mask: torch.Tensor | None = None
+            raise ValueError(f"local blend words {words} appear in neither prompt: "
+                             f"{[TokenizedPrompt.of(pipe.tokenizer, p).clean for p in prompts]}")
+        self.on_run_start(SamplingRun(num_steps=1, prompts=None))
+
+    def on_run_start(self, run: SamplingRun) -> None:
+        self.num_steps = run.num_steps
+        self.maps: list[torch.Tensor] = []  # this step's maps, one per layer and UNet call
+        self.total: torch.Tensor | None = None  # (rows, 1, h, w) summed over the steps so far
+        self.mask: torch.Tensor | None = None  # (1, 1, h, w) 1 = take the target
+        self.blend_now = False  # a step just ended in `steps`: the next callback blends
 
     def wants(self, call: AttnCall) -> bool:
         return call.cross and (self.resolutions is None or call.height in self.resolutions)
@@ -208,90 +209,24 @@ class LocalBlend(ControllerContext):
         self.maps.append(torch.cat(rows))
         self.latent = call.latent
 
-    def callback(self, pipe, step: int, timestep, kwargs: dict) -> dict:
-        latents = kwargs["latents"]
+    def on_step_end(self, step: int) -> None:
         if self.maps:
-            size = latents.shape[-2:]
-            maps = torch.stack([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                                for m in self.maps]).mean(0)  # (rows, 1, H, W)
+            maps = torch.stack([F.interpolate(m, size=self.latent, mode="bilinear", align_corners=False)
+                                for m in self.maps]).mean(0)  # (rows, 1, h, w)
             self.total = maps if self.total is None else self.total + maps
             k = self.dilate  # max-pool, as prompt-to-prompt does, so the mask's edge does not cut the object
             maps = F.max_pool2d(self.total, 2 * k + 1, stride=1, padding=k) if k else self.total
             low = maps.amin(dim=(-2, -1), keepdim=True)
             maps = (maps - low) / (maps.amax(dim=(-2, -1), keepdim=True) - low).clamp_min(1e-12)
-            self.mask = (maps > self.threshold).any(0, keepdim=True).to(latents.dtype)  # union over source/target
+            self.mask = (maps > self.threshold).any(0, keepdim=True).float()  # union over source/target
             self.maps = []
-        if self.mask is not None and step / max(pipe._num_timesteps, 1) >= self.start:
-            src, tgt = latents[0:1], latents[1:2]
-            latents = torch.cat([src, src + self.mask * (tgt - src)])
-        return {"latents": latents}
+        self.blend_now = self.mask is not None and self.steps.contains(step, self.num_steps)
 
-
-# -- prompt weights as embeddings --
-def encode_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text embeddings (B, S, D) and key mask (B, S) on either pipeline: ours masks padding keys, Stable
-    Diffusion's pipelines encode the padded prompt with the text encoder and attend to every position."""
-    if isinstance(pipe, DiffXAttnPipeline):
-        return pipe.encode_prompt(prompts)
-    ids, _ = text_mod.tokenize(pipe.tokenizer, prompts)
-    embeds = text_mod.encode(pipe.text_encoder, ids).to(pipe.unet.dtype)
-    return embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
-
-
-def embedding_weights(pipe, prompts: list[str], mode: str = "compel") -> tuple[torch.Tensor, torch.Tensor]:
-    """Text embeddings with prompt weights applied to the token embeddings: (B, S, D), mask (B, S).
-
-    mode "compel", as compel does it: every weighted token becomes z_empty + w * (z - z_empty); then each run
-    of tokens weighted below 1 is also faded out of the whole prompt by lerping towards the prompt encoded
-    with that run hidden from the other tokens (otherwise the later tokens of a causal text encoder still
-    carry it): lerp weight tan((1 - w) * pi / 2), so w = 0.5 is half-way and w = 0 removes the run.
-    mode "a1111": z * w, then rescaled so the mean over the prompt's embeddings is unchanged.
-    """
-    if mode not in ("compel", "a1111"):
-        raise ValueError(f"embedding weight mode {mode!r}; expected 'compel' or 'a1111'")
-    clean = [prompt_syntax.clean_text(p) for p in prompts]
-    weights = token_weight_rows(pipe.tokenizer, prompts)
-    z, mask = encode_prompts(pipe, clean)
-    w = weights.to(z)[..., None]  # (B, S, 1)
-    if mode == "a1111":
-        scaled = z * w
-        return scaled * (z.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True)), mask
-    z_empty, _ = encode_prompts(pipe, [""] * len(prompts))
-    out = torch.where(w == 1, z, z_empty + w * (z - z_empty))  # weight 1 keeps z bit for bit
-    ids, _ = text_mod.tokenize(pipe.tokenizer, clean)
-    for i, row in enumerate(weights.tolist()):
-        runs = [r for r in _runs(row) if r[2] < 1]
-        if not runs:
-            continue
-        total, norm = out[i].clone(), 1.0
-        for start, length, v in runs:
-            hide = torch.zeros(1, ids.shape[1], dtype=torch.bool)
-            hide[0, start:start + length] = True
-            without = text_mod.encode(pipe.text_encoder, ids[i:i + 1], hide)[0].to(z)
-            lerp = math.tan((1.0 - max(v, 1e-5)) * math.pi / 2)
-            total, norm = total + lerp * without, norm + lerp
-        out[i] = total / norm
-    return out, mask
-
-
-def _runs(row: list[float]):
-    """(start, length, weight) of each run of equal consecutive weights."""
-    start = 0
-    for value, group in itertools.groupby(row):
-        length = len(list(group))
-        yield start, length, value
-        start += length
-
-
-def token_weight_rows(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """(B, S) weights per token position (BOS, EOS and padding 1), from each prompt's weight syntax."""
-    rows = torch.ones(len(prompts), tokenizer.model_max_length)
-    for i, prompt in enumerate(prompts):
-        _, weights, _ = prompt_syntax.token_weights(prompt, tokenizer)
-        kept = weights[: tokenizer.model_max_length - 2]
-        rows[i, 1:1 + len(kept)] = torch.tensor(kept)
-    return rows
-
-
-def has_weights(prompt: str) -> bool:
-    return any(r.weight != 1.0 for r in prompt_syntax.parse_weights(prompt))
+    def callback(self, pipe, step: int, timestep, tensors: dict) -> dict:
+        """A `callback_on_step_end`: after each step in `steps`, the target keeps the source outside the mask."""
+        if not self.blend_now:
+            return {}
+        self.blend_now = False
+        latents = tensors["latents"]
+        src, tgt = latents[0:1], latents[1:2]
+        return {"latents": torch.cat([src, src + self.mask.to(latents) * (tgt - src)])}

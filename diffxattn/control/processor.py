@@ -1,8 +1,9 @@
 """The one attention-control mechanism: a processor that hands attention probabilities to controllers.
 
-Works on any UNet whose attention layers are diffusers `Attention` modules (XAttnUNet and
+Works on any pipeline whose UNet's attention layers are diffusers `Attention` modules (XAttnUNet and
 `UNet2DConditionModel`): installing swaps the `processor` of every attention layer for a
-`ControlledProcessor`, and uninstalling puts the original processors back.
+`ControlledProcessor` and hooks the scheduler, which tells the controllers when a run starts and a step
+ends (`steps.StepClock`); uninstalling puts everything back (`PipelineHooks`).
 
 For each attention call the processor builds an `AttnCall` (layer name, block, resolution, step,
 heads, which batch rows are conditional) and asks each controller whether it `wants` the call:
@@ -18,6 +19,7 @@ see the edited probabilities).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from ..models.attention import AttentionInputs, attention_inputs, attention_probs
+from .steps import SamplingRun, StepClock
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class AttnCall:
     cross: bool  # cross-attention (keys from text) or self-attention
     height: int  # query map size: height x width tokens
     width: int
-    step: int  # denoising step index, 0-based
+    step: int  # denoising step index, 0-based (as the scheduler's step calls count it, `StepClock`)
     num_steps: int
     heads: int
     batch: int  # rows in this call (2x images under classifier-free guidance)
@@ -54,7 +57,11 @@ class AttnCall:
 
 
 class Controller:
-    """Base class: override `wants` and `observe` (capture) and/or `edit` (change probabilities)."""
+    """Base class: override `wants` and `observe` (capture) and/or `edit` (change probabilities).
+
+    `on_run_start` and `on_step_end` tell a controller where sampling is: every installed controller hears
+    them, whatever it `wants`.
+    """
 
     edits = False  # True if `edit` may change probabilities (then the explicit path is taken)
 
@@ -68,6 +75,12 @@ class Controller:
     def observe(self, call: AttnCall, probs: torch.Tensor) -> None:
         """probs (rows, heads, N, S) of the conditional rows only."""
 
+    def on_run_start(self, run: SamplingRun) -> None:
+        """A pipeline call starts sampling (its scheduler's `set_timesteps`)."""
+
+    def on_step_end(self, step: int) -> None:
+        """Denoising step `step` (0-based) is complete: its last `scheduler.step` call returned."""
+
     def begin(self, pipe) -> None:
         """Called when installed on `pipe`."""
 
@@ -79,52 +92,32 @@ def block_of(name: str) -> str:
     return "down" if name.startswith("down") else "mid" if name.startswith("mid") else "up"
 
 
-class SamplingState:
-    """Step index, latent size and guidance layout of the current UNet call, read by a forward pre-hook."""
+class UNetCallShape:
+    """Latent size and guidance layout of the current UNet call, read by a forward pre-hook."""
 
     def __init__(self, pipe):
         self.pipe = pipe
-        self.step, self.num_steps, self.latent_hw, self.cfg = 0, 1, (1, 1), False
+        self.latent_hw, self.cfg = (1, 1), False
 
     def __call__(self, module, args, kwargs) -> None:
         sample = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
         self.latent_hw = tuple(sample.shape[-2:])
-        timesteps = getattr(self.pipe.scheduler, "timesteps", None)
-        if timesteps is not None and len(timesteps):
-            t = torch.as_tensor(t).reshape(-1)[0].to(timesteps.device, timesteps.dtype)
-            self.step = int((timesteps - t).abs().argmin())  # Heun calls the UNet twice per step: same index
-            self.num_steps = len(timesteps) // getattr(self.pipe.scheduler, "order", 1)
-            self.step = min(self.step // getattr(self.pipe.scheduler, "order", 1), self.num_steps - 1)
         self.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
-
-    @property
-    def fraction(self) -> float:
-        return self.step / max(self.num_steps, 1)
-
-    def call(self, name: str, attn: Attention, hidden_states: torch.Tensor) -> AttnCall:
-        batch = hidden_states.shape[0]
-        n = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
-        heads = attn.heads
-        lh, lw = self.latent_hw
-        factor = max(1, round((lh * lw / n) ** 0.5))  # how much this layer is down-sampled
-        return AttnCall(layer=name, block=block_of(name), cross=attn.is_cross_attention, height=lh // factor,
-                        width=lw // factor, step=self.step, num_steps=self.num_steps, heads=heads, batch=batch,
-                        cond_start=batch // 2 if self.cfg else 0, latent=(lh, lw))
 
 
 class ControlledProcessor:
     """Wraps a layer's original processor; routes each call through the installed controllers."""
 
-    def __init__(self, name: str, original, controllers: list[Controller], state: SamplingState):
-        self.name, self.original, self.controllers, self.state = name, original, controllers, state
+    def __init__(self, name: str, original, hooks: PipelineHooks):
+        self.name, self.original, self.hooks = name, original, hooks
+        self.controllers = hooks.controllers
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         out = self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                             attention_mask=attention_mask, **kwargs)
         if not self.controllers:
             return out
-        call = self.state.call(self.name, attn, hidden_states)
+        call = self.hooks.call(self.name, attn, hidden_states)
         active = [c for c in self.controllers if c.wants(call)]
         if not active:
             return out
@@ -166,53 +159,102 @@ def attention_layers(unet) -> dict[str, Attention]:
     return {name: m for name, m in unet.named_modules() if isinstance(m, Attention)}
 
 
-class Installed:
-    """Bookkeeping of one UNet's controlled processors (shared by all controllers installed on it)."""
+class PipelineHooks:
+    """Everything installing controllers changes on one pipeline, shared by all of them and undone when the
+    last one is removed: each attention layer's processor, the scheduler's `set_timesteps`/`step` (runs and
+    steps, `StepClock`), `encode_prompt` (a run's prompts) and a UNet pre-hook (latent size, guidance)."""
 
     def __init__(self, pipe):
-        self.unet = pipe.unet
+        self.pipe, self.unet = pipe, pipe.unet
         self.controllers: list[Controller] = []
-        self.state = SamplingState(pipe)
+        self.clock = StepClock(pipe.scheduler, self._run_started, self._step_ended)
+        self.shape = UNetCallShape(pipe)
+        self.prompts: list[str] | None = None  # encoded since the last run started
         self.originals = {name: m.processor for name, m in attention_layers(self.unet).items()}
         for name, m in attention_layers(self.unet).items():
-            m.set_processor(ControlledProcessor(name, self.originals[name], self.controllers, self.state))
-        self.hook = self.unet.register_forward_pre_hook(self.state, with_kwargs=True)
+            m.set_processor(ControlledProcessor(name, self.originals[name], self))
+        self.hook = self.unet.register_forward_pre_hook(self._unet_called, with_kwargs=True)
+        self._encode_prompt = pipe.__dict__.get("encode_prompt")
+        pipe.encode_prompt = self._recording(pipe.encode_prompt)
+
+    def _recording(self, encode_prompt):
+        """encode_prompt that remembers the first prompt text of a call (the conditional one: both pipelines
+        encode it before the negative prompt), for the run that follows."""
+        @functools.wraps(encode_prompt)
+        def recording(*args, **kwargs):
+            prompt = args[0] if args else kwargs.get("prompt", kwargs.get("prompts"))
+            if self.prompts is None and prompt is not None:
+                self.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            return encode_prompt(*args, **kwargs)
+        return recording
+
+    def _run_started(self, num_steps: int) -> None:
+        run, self.prompts = SamplingRun(num_steps, self.prompts), None
+        for c in list(self.controllers):
+            c.on_run_start(run)
+
+    def _step_ended(self, step: int) -> None:
+        for c in list(self.controllers):
+            c.on_step_end(step)
+
+    def _unet_called(self, module, args, kwargs) -> None:
+        if self.pipe.scheduler is not self.clock.scheduler:
+            raise RuntimeError("pipe.scheduler was replaced while attention controllers were installed, so their "
+                               "steps are unknown; set the scheduler before installing them (the `with` block)")
+        self.shape(module, args, kwargs)
+
+    def call(self, name: str, attn: Attention, hidden_states: torch.Tensor) -> AttnCall:
+        """The AttnCall of layer `name` for the current UNet call."""
+        batch = hidden_states.shape[0]
+        n = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
+        lh, lw = self.shape.latent_hw
+        factor = max(1, round((lh * lw / n) ** 0.5))  # how much this layer is down-sampled
+        step = min(self.clock.step, self.clock.num_steps - 1)  # a UNet call after the last step stays in the run
+        return AttnCall(layer=name, block=block_of(name), cross=attn.is_cross_attention, height=lh // factor,
+                        width=lw // factor, step=step,
+                        num_steps=self.clock.num_steps, heads=attn.heads, batch=batch,
+                        cond_start=batch // 2 if self.shape.cfg else 0, latent=(lh, lw))
 
     def restore(self) -> None:
         self.hook.remove()
+        self.clock.restore()
+        if self._encode_prompt is None:
+            self.pipe.__dict__.pop("encode_prompt", None)
+        else:
+            self.pipe.encode_prompt = self._encode_prompt
         for name, m in attention_layers(self.unet).items():
             m.set_processor(self.originals[name])
 
 
-_INSTALLED: dict[int, Installed] = {}  # id(unet) -> its installation, while any controller is active
+_INSTALLED: dict[int, PipelineHooks] = {}  # id(unet) -> its hooks, while any controller is active
 
 
 def install(pipe, controller: Controller) -> None:
-    """Add `controller` to `pipe.unet`'s attention layers (swapping processors on the first one)."""
+    """Add `controller` to `pipe.unet`'s attention layers (hooking the pipeline on the first one)."""
     key = id(pipe.unet)
     if key not in _INSTALLED:
-        _INSTALLED[key] = Installed(pipe)
+        _INSTALLED[key] = PipelineHooks(pipe)
     _INSTALLED[key].controllers.append(controller)
     controller.begin(pipe)
 
 
 def uninstall(pipe, controller: Controller) -> None:
-    """Remove `controller`; when it was the last one, every layer gets its original processor back."""
+    """Remove `controller`; when it was the last one, the pipeline gets its original processors and methods back."""
     key = id(pipe.unet)
-    inst = _INSTALLED.get(key)
-    if inst is None or controller not in inst.controllers:
+    hooks = _INSTALLED.get(key)
+    if hooks is None or controller not in hooks.controllers:
         return
-    inst.controllers.remove(controller)
+    hooks.controllers.remove(controller)
     controller.end()
-    if not inst.controllers:
-        inst.restore()
+    if not hooks.controllers:
+        hooks.restore()
         del _INSTALLED[key]
 
 
-def sampling_state(pipe) -> SamplingState:
-    """The step counter shared by the controllers installed on `pipe.unet`, for a controller that also hooks
-    other modules (e.g. ResBlocks); valid from the controller's `begin` until its `end`."""
-    return _INSTALLED[id(pipe.unet)].state
+def step_clock(pipe) -> StepClock:
+    """The run and step counter of `pipe`, for a controller that also hooks other modules (e.g. ResBlocks);
+    valid from the controller's `begin` until its `end`."""
+    return _INSTALLED[id(pipe.unet)].clock
 
 
 class ControllerContext(Controller):

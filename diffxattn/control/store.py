@@ -1,11 +1,12 @@
 """AttentionStore: capture cross-attention while sampling and read it back per token or per word.
 
-    with AttentionStore(pipe, resolutions=(16, 8), steps=(0, 1.0)) as store:
+    with AttentionStore(pipe, resolutions=(16, 8), steps=StepRange.fraction(0, 1)) as store:
         image = pipe("a red circle left of a blue square").images[0]
     maps = store.word_maps()   # {"red": (H, W) tensor, "circle": ..., ...}
 
 Maps are summed while sampling (per resolution; optionally per step bin and per layer), so memory does
-not grow with the number of steps. Only the conditional half of a guidance batch is captured.
+not grow with the number of steps. Only the conditional half of a guidance batch is captured. Each
+pipeline call inside the `with` block is a new run: it clears the maps and records that call's prompts.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from .. import prompts as prompt_syntax
+from ..conditioning import TokenizedPrompt
 from .processor import AttnCall, ControllerContext
+from .steps import SamplingRun, StepRange
 
 NORMALIZATIONS = ("none", "minmax", "share")
 
@@ -27,23 +29,21 @@ class AttentionStore(ControllerContext):
     resolutions: query-map heights to keep (e.g. (16, 8)); None = all.
     layers: keep layers whose name contains any of these strings; None = all.
     blocks: subset of ("down", "mid", "up"); None = all.
-    steps: (start, end) step indices (ints, end exclusive) or fractions of the run (floats), inclusive start.
+    steps: the steps to keep, a `StepRange` (or what `StepRange.of` reads: "0:10", (0, 1.0), ...).
     heads: "mean" (average heads while capturing) or "each" (keep every head).
     step_bins: number of step bins kept for per-step views (the viewer's slider); 0 = none.
     per_layer: also keep one map per layer (summed over steps).
     """
 
-    def __init__(self, pipe, *, resolutions=None, layers=None, blocks=None, steps=(0, 1.0), heads: str = "mean",
-                 step_bins: int = 10, per_layer: bool = False):
+    def __init__(self, pipe, *, resolutions=None, layers=None, blocks=None, steps=StepRange.fraction(0, 1),
+                 heads: str = "mean", step_bins: int = 10, per_layer: bool = False):
         super().__init__(pipe)
         if heads not in ("mean", "each"):
             raise ValueError(f"heads={heads!r}; expected 'mean' or 'each'")
         if blocks is not None and not set(blocks) <= {"down", "mid", "up"}:
             raise ValueError(f"blocks={tuple(blocks)!r}; expected a subset of ('down', 'mid', 'up')")
-        if len(steps) != 2 or steps[0] > steps[1]:
-            raise ValueError(f"steps={tuple(steps)!r}; expected (start, end) with start <= end")
         self.resolutions = None if resolutions is None else set(resolutions)
-        self.layers, self.blocks, self.steps, self.heads = layers, blocks, tuple(steps), heads
+        self.layers, self.blocks, self.steps, self.heads = layers, blocks, StepRange.of(steps), heads
         self.step_bins, self.per_layer = step_bins, per_layer
         self.prompts: list[str] | None = None
         self.reset()
@@ -59,25 +59,20 @@ class AttentionStore(ControllerContext):
         self.layer_hw: dict[str, tuple[int, int]] = {}
         self.steps_seen: set[int] = set()
         self.num_steps = 0
-        self._last_step = -1
 
-    def in_steps(self, call: AttnCall) -> bool:
-        start, end = self.steps
-        if isinstance(start, int) and isinstance(end, int):
-            return start <= call.step < end
-        return start <= call.fraction < end or (end >= 1.0 and call.step == call.num_steps - 1)
+    def on_run_start(self, run: SamplingRun) -> None:
+        self.reset()
+        self.prompts, self.num_steps = run.prompts, run.num_steps
 
     def wants(self, call: AttnCall) -> bool:
         return (call.cross
                 and (self.resolutions is None or call.height in self.resolutions)
                 and (self.blocks is None or call.block in self.blocks)
                 and (self.layers is None or any(s in call.layer for s in self.layers))
-                and self.in_steps(call))
+                and self.steps.contains(call.step, call.num_steps))
 
     def observe(self, call: AttnCall, probs: torch.Tensor) -> None:
-        if call.step < self._last_step:  # a new sampling run inside the same `with` block
-            self.reset()
-        self._last_step, self.num_steps, self._latent = call.step, call.num_steps, call.latent
+        self._latent = call.latent
         self.steps_seen.add(call.step)
         p = probs.detach().float()  # (rows, heads, N, S)
         key = (call.height, call.width)
@@ -96,23 +91,6 @@ class AttentionStore(ControllerContext):
             self.layer_counts[call.layer] += 1
             self.layer_hw[call.layer] = key
 
-    def begin(self, pipe) -> None:
-        # Record the prompts of each run: wrap encode_prompt on the instance (removed again in end()).
-        original = pipe.encode_prompt
-        self._fresh = True
-
-        def recording_encode_prompt(*args, **kwargs):
-            prompt = args[0] if args else kwargs.get("prompt", kwargs.get("prompts"))
-            if self._fresh and prompt is not None:
-                self.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-                self._fresh = False
-            return original(*args, **kwargs)
-
-        pipe.encode_prompt = recording_encode_prompt
-
-    def end(self) -> None:
-        self.pipe.__dict__.pop("encode_prompt", None)
-
     def nbytes(self) -> int:
         """Memory held by the captured maps."""
         tensors = [*self.sums.values(), *self.bin_sums.values(), *self.layer_sums.values()]
@@ -122,14 +100,11 @@ class AttentionStore(ControllerContext):
     @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) of the generated image: the UNet input size times the VAE factor (1 in pixel space)."""
-        self._check_captured()
-        f = getattr(self.pipe, "vae_scale_factor", 1)
-        return self._latent[0] * f, self._latent[1] * f
-
-    def _check_captured(self) -> None:
         if not self.sums:
             raise ValueError("the store holds no attention maps: run the pipeline inside the `with` block, and "
                              f"check the selection (resolutions={self.resolutions}, steps={self.steps})")
+        f = getattr(self.pipe, "vae_scale_factor", 1)
+        return self._latent[0] * f, self._latent[1] * f
 
     def _upsample(self, maps: torch.Tensor, hw: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
         """(..., h*w, S) -> (..., S, H, W) bilinearly upsampled to the image size."""
@@ -181,14 +156,11 @@ class AttentionStore(ControllerContext):
         maps = [self._upsample(self.layer_sums[n][index] / self.layer_counts[n], self.layer_hw[n], size) for n in names]
         return names, torch.stack(maps)
 
-    def words(self, index: int = 0, prompt: str | None = None) -> list[tuple[str, list[int]]]:
-        """(word, token positions) for the prompt of image `index`; BOS/EOS/padding and truncated words excluded."""
+    def words(self, index: int = 0, prompt: str | TokenizedPrompt | None = None) -> list[tuple[str, list[int]]]:
+        """(word, token positions) for the prompt of image `index` (or `prompt`); BOS/EOS/padding and words cut
+        off by the encoder's length excluded."""
         prompt = prompt if prompt is not None else self._prompt(index)
-        self._check_captured()
-        max_pos = next(iter(self.sums.values())).shape[-1] - 1  # last position is EOS at the earliest
-        pairs = prompt_syntax.word_token_map(prompt_syntax.clean_text(prompt), self.pipe.tokenizer)
-        # a word cut by the window is dropped whole, as the too-long-prompt warning says
-        return [(w, pos) for w, pos in pairs if pos and pos[-1] < max_pos]
+        return TokenizedPrompt.of(self.pipe.tokenizer, prompt).words
 
     def _prompt(self, index: int) -> str:
         if not self.prompts:
@@ -199,7 +171,7 @@ class AttentionStore(ControllerContext):
     def _rows(self) -> int:
         return next(iter(self.sums.values())).shape[0]
 
-    def word_maps(self, index: int = 0, prompt: str | None = None, normalize: str = "none",
+    def word_maps(self, index: int = 0, prompt: str | TokenizedPrompt | None = None, normalize: str = "none",
                   size: tuple[int, int] | None = None, resolution: int | None = None) -> dict[str, torch.Tensor]:
         """{word: (H, W)} for image `index`; a word of several tokens is the mean of its tokens' maps.
 

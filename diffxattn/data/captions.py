@@ -87,6 +87,41 @@ def build_caption(
     return words, owners
 
 
+_MIRROR = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "above": "below", "below": "above"}
+
+
+def binding_negatives(caption: str) -> dict[str, str]:
+    """Captions with the words of `caption` bound or placed differently, by kind: NegCLIP's hard negatives
+    (Yuksekgonul et al. 2023), which a bag-of-words text encoder cannot tell from the caption.
+
+    >>> binding_negatives("a red circle left of a blue square")
+    {'colors': 'a blue circle left of a red square', 'shapes': 'a red square left of a blue circle',
+     'relation': 'a red circle right of a blue square'}
+
+    Two objects: their colors swapped, their shapes swapped, the relation mirrored. One object: its position
+    mirrored (none for "center" or no position).
+    """
+    spec, owners = parse_caption_words(caption)
+    words = caption.split()
+    out = {}
+    if len(spec["objects"]) == 2:
+        for kind, vocab in (("colors", COLORS), ("shapes", SHAPES)):
+            i, j = (k for k, (w, o) in enumerate(zip(words, owners)) if o >= 0 and w in vocab)
+            if words[i] != words[j]:
+                swapped = list(words)
+                swapped[i], swapped[j] = words[j], words[i]
+                out[kind] = " ".join(_fix_articles(swapped))
+    mirrored = [_MIRROR.get(w, w) if o < 0 or w in POSITIONS else w for w, o in zip(words, owners)]
+    if mirrored != words:
+        out["relation" if spec["relations"] else "position"] = " ".join(mirrored)
+    return out
+
+
+def _fix_articles(words: list[str]) -> list[str]:
+    """'a'/'an' before each object as its next word needs ("an orange", "a red")."""
+    return [("an" if words[k + 1][0] in "aeiou" else "a") if w in _ARTICLES else w for k, w in enumerate(words)]
+
+
 def parse_caption(caption: str) -> dict:
     """Clauses of a caption written in the scenes' grammar.
 

@@ -18,6 +18,7 @@ The pipeline, and why each step is robust to what a diffusion model draws:
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,8 @@ import numpy as np
 from ..data.captions import COLORS, parse_caption_words
 from ..data.shapes import POSITION_ANCHORS, shape_sdf
 
-__all__ = ["DetectorConfig", "Detection", "detect", "position_of", "relation_holds", "score_prompt"]
+__all__ = ["DetectorConfig", "Detection", "detect", "position_of", "relation_holds", "score_prompt", "FAILURES",
+           "failure_of"]
 
 _NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _NAMES], np.float32)
@@ -198,6 +200,33 @@ def score_prompt(caption: str, detections: list[Detection], size: int) -> dict[s
             for i, rel in enumerate(spec["relations"]))
     scores["all"] = all(scores.values())
     return scores
+
+
+# Why an image fails its prompt, first cause first (an image with a missing object also has a wrong shape).
+FAILURES = ("missing object", "extra object", "color missing", "colors bound to swapped shapes", "wrong shape",
+            "wrong size", "wrong position", "wrong relation")
+
+
+def failure_of(caption: str, detections: list[Detection], size: int) -> str | None:
+    """The first failed clause of `FAILURES` for an image, None if the image is correct. "colors bound to
+    swapped shapes": every color and every shape of the prompt is there, but on the wrong object (a red square
+    and a blue circle for "a red circle left of a blue square")."""
+    scores = score_prompt(caption, detections, size)
+    if scores["all"]:
+        return None
+    objects = parse_caption_words(caption)[0]["objects"]
+    if not scores["count"]:
+        return "missing object" if len(detections) < len(objects) else "extra object"
+    if not scores["color"]:
+        return "color missing"
+    if not scores["shape"]:
+        by_color = {d.color: d.shape for d in detections}  # a detection's shape may be None (unclassified)
+        drawn = Counter(by_color[o["color"]] for o in objects)
+        return "colors bound to swapped shapes" if drawn == Counter(o["shape"] for o in objects) else "wrong shape"
+    for clause in ("size", "position", "relation"):
+        if not scores.get(clause, True):
+            return f"wrong {clause}"
+    raise AssertionError(f"no failed clause in {scores}")  # pragma: no cover: "all" is the and of the clauses
 
 
 def _match(objects: list[dict], detections: list[Detection]) -> list[Detection | None]:

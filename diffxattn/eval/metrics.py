@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.captions import COLORS, SHAPES, parse_caption_words
-from .detector import Detection, detect, position_of, score_prompt
+from .detector import FAILURES, Detection, detect, position_of, score_prompt
 
 __all__ = ["ATTRIBUTES", "THRESHOLDS", "to_uint8", "score_images", "summarize", "iou", "threshold_ious",
            "word_masks", "summarize_ious", "rank", "spearman", "color_strength", "swap_scores",
@@ -46,12 +46,16 @@ def score_images(prompts: list[str], images) -> list[dict[str, bool]]:
     return [score_prompt(p, detect(img), img.shape[0]) for p, img in zip(prompts, images)]
 
 
-def summarize(scores: list[dict[str, bool]]) -> dict:
-    """{"n", "accuracy": {attribute: fraction of the images whose prompt names it}, "all"}."""
+def summarize(scores: list[dict[str, bool]], failures: list[str | None] | None = None) -> dict:
+    """{"n", "accuracy": {attribute: fraction of the images whose prompt names it}, "all"}, and with `failures`
+    (`detector.failure_of` per image) "failures": {cause: fraction of the images}, causes in `FAILURES` order."""
     accuracy = {a: float(np.mean([s[a] for s in scores if a in s])) for a in ATTRIBUTES
                 if any(a in s for s in scores)}
     correct = float(np.mean([s["all"] for s in scores])) if scores else 0.0
-    return {"n": len(scores), "accuracy": accuracy, "all": correct}
+    summary = {"n": len(scores), "accuracy": accuracy, "all": correct}
+    if failures is not None:
+        summary["failures"] = {f: failures.count(f) / len(failures) for f in FAILURES if f in failures}
+    return summary
 
 
 # -- heatmap IoU --

@@ -17,15 +17,15 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..control.edits import LocalBlend, PromptToPrompt
+from ..control.steps import StepRange
 from ..control.store import AttentionStore, word_keys
 from ..data.shapes import ShapesConfig
-from ..editing import edit, generate
+from ..generation import edit, generate
+from ..schedulers import scheduler_name
 from . import metrics
-from .detector import detect, score_prompt
+from .detector import detect, failure_of, score_prompt
 from .prompts import SET_NAMES, color_swap, first_object, prompt_set, prompt_sets, reweighted, shape_swap
 
 __all__ = ["evaluate", "format_report", "DEFAULT_GUIDANCE", "QUICK_GUIDANCE", "REWEIGHTS", "REWEIGHT_MODES"]
@@ -34,9 +34,10 @@ DEFAULT_GUIDANCE = (1.0, 2.0, 3.0, 5.0)
 QUICK_GUIDANCE = (1.0, 3.0)
 REWEIGHTS = (0.5, 0.75, 1.0, 1.5, 2.0)
 REWEIGHT_MODES = ("attention", "embedding")
-SWAP_FEATURES = (0, 0.8)  # feature_replace of the "_features" swaps
+SWAP_FEATURES = StepRange.fraction(0, 0.8)  # feature_replace of the "_features" swaps
 SWAPS = {f"{attribute}_swap{suffix}": (attribute, features) for attribute in ("color", "shape")
-         for suffix, features in (("", (0, 0)), ("_features", SWAP_FEATURES))}  # name: (attribute, feature_replace)
+         for suffix, features in (("", StepRange.fraction(0, 0)), ("_features", SWAP_FEATURES))}
+# SWAPS: name -> (attribute, feature_replace)
 _QUICK_MAX_STEPS = 10
 
 
@@ -74,15 +75,17 @@ class _HeatmapTally:
 
 
 def _score_set(pipe, prompts: list[str], seeds, *, scale: float, steps: int, batch_size: int,
-               heat: _HeatmapTally | None = None, progress: bool = False, desc: str = "") -> list[dict]:
-    """Generate every prompt x seed (batched), detect, score; with `heat`, also tally heatmap IoUs."""
+               heat: _HeatmapTally | None = None, progress: bool = False, desc: str = "",
+               sampling: dict | None = None) -> tuple[list[dict], list[str | None]]:
+    """Generate every prompt x seed (batched), detect, score; with `heat`, also tally heatmap IoUs.
+    Returns the scores and each image's first failed clause (`failure_of`)."""
     items = [(p, s) for p in prompts for s in seeds]
-    scores = []
+    scores, failures = [], []
     for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, leave=False):
         batch = items[start:start + batch_size]
         texts = [p for p, _ in batch]
         kwargs = dict(num_inference_steps=steps, guidance_scale=scale, output_type="np",
-                      generator=_generators(s for _, s in batch))
+                      generator=_generators(s for _, s in batch), **(sampling or {}))
         if heat is None:
             images = metrics.to_uint8(pipe(texts, **kwargs).images)
         else:
@@ -91,22 +94,10 @@ def _score_set(pipe, prompts: list[str], seeds, *, scale: float, steps: int, bat
         for k, (text, image) in enumerate(zip(texts, images)):
             detections = detect(image)
             scores.append(score_prompt(text, detections, image.shape[0]))
+            failures.append(failure_of(text, detections, image.shape[0]))
             if heat is not None:
                 heat.add(store, k, text, detections)
-    return scores
-
-
-def _blend_edit(pipe, source: str, target: str, words: list[str], seed: int, **kwargs):
-    """`edit(pipe, source, target, local_blend=words, seed=seed)`, also returning the blend mask
-    (H, W) bool that decided the last step. `edit` does not expose the mask, so this composes the
-    same two controllers with `edit`'s defaults (a test checks both give the same images)."""
-    prompts = [source, target]
-    with PromptToPrompt(pipe, source, target), LocalBlend(pipe, prompts, words) as blend:
-        images = pipe(prompts, generator=_generators([seed, seed]), callback_on_step_end=blend.callback,
-                      output_type="np", **kwargs).images
-    src, tgt = metrics.to_uint8(images)
-    mask = F.interpolate(blend.mask.float(), size=src.shape[:2], mode="nearest")[0, 0].cpu().numpy() > 0
-    return src, tgt, mask
+    return scores, failures
 
 
 def _change(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
@@ -136,7 +127,8 @@ def _edit_metrics(pipe, prompts: list[str], seeds, *, scale: float, steps: int, 
                 swaps[name].append(metrics.swap_scores(*pairs[name], new[attribute], attribute))
             src, tgt = pairs["color_swap"]
             # (c) local blend on the edited object's word: pixels outside the blend mask stay the source's
-            b_src, b_tgt, mask = _blend_edit(pipe, prompt, targets["color"], [shape], seed, **kw)
+            blended = edit(pipe, prompt, targets["color"], local_blend=[shape], seed=seed, output_type="np", **kw)
+            (b_src, b_tgt), mask = metrics.to_uint8(list(blended)), blended.mask.cpu().numpy()
             blends.append({"outside": _change(b_src, b_tgt, ~mask), "inside": _change(b_src, b_tgt, mask),
                            "outside_no_blend": _change(src, tgt, ~mask), "mask_fraction": float(mask.mean())})
             # (b) reweight the color word: does its strength grow with the weight?
@@ -153,7 +145,7 @@ def _edit_metrics(pipe, prompts: list[str], seeds, *, scale: float, steps: int, 
         **{name: {"n": len(rows), **{k: metrics.mean_or_none(r[k] for r in rows) for k in rows[0]},
                   "mask_iou_n": sum(r["mask_iou"] is not None for r in rows)}
            for name, rows in swaps.items()},
-        "swap_feature_replace": list(SWAP_FEATURES),
+        "swap_feature_replace": [SWAP_FEATURES.start, SWAP_FEATURES.end],
         "reweight": {mode: _reweight_summary(weights, strengths[mode], rhos[mode]) for mode in REWEIGHT_MODES},
         "local_blend": {"n": len(blends),
                         **{k: metrics.mean_or_none(b[k] for b in blends)
@@ -177,7 +169,8 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
              guidance_scale: float | None = None, steps: int | None = None, sets=SET_NAMES,
              sizes: dict[str, int] | None = None, heatmaps: bool = True, edits: bool = True,
              edit_prompts: int | None = None, weights=REWEIGHTS, holdout=None, batch_size: int = 32,
-             thresholds=metrics.THRESHOLDS, pipeline: str | None = None, progress: bool = False) -> dict:
+             thresholds=metrics.THRESHOLDS, pipeline: str | None = None, progress: bool = False,
+             guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None) -> dict:
     """Evaluate a pipeline on the fixed prompt sets; returns the JSON-ready report.
 
     seeds: images per prompt (seeds 0..n-1; default 4, quick 1). guidance_scales: the guidance curve
@@ -185,6 +178,8 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
     (default: the pipeline's). steps: denoising steps (default: the pipeline's; quick at most 10).
     sizes: prompts per set (default 64/64/32, quick 4 each). edit_prompts: single-object prompts edited
     (default 8, quick 2). holdout: the held-out pairs (default `ShapesConfig().holdout`).
+    guidance_rescale, guidance_interval: passed to the pipeline for the accuracy sets and the curve (interval
+    default: the pipeline's).
 
     >>> report = evaluate(pipe, quick=True)
     >>> report["sets"]["single"]["all"], report["guidance"]["3"]["two"]
@@ -203,6 +198,11 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
     if not seeds or not scales:
         raise ValueError(f"need >= 1 seed and >= 1 guidance scale; got {len(seeds)} seeds, scales {scales}")
     prompts = prompt_sets(tuple(sets), quick=quick, sizes=sizes, holdout=holdout)
+    if guidance_interval is None:
+        guidance_interval = pipe.config.get("default_guidance_interval", (0.0, 1.0))
+    sampling = {"guidance_interval": tuple(float(g) for g in guidance_interval)}
+    if guidance_rescale:
+        sampling["guidance_rescale"] = float(guidance_rescale)
 
     heat = _HeatmapTally(thresholds) if heatmaps else None
     by_scale: dict[float, dict[str, float]] = {}
@@ -210,10 +210,10 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
     for scale in dict.fromkeys([main, *scales]):  # the main scale first: it also captures heatmaps
         by_scale[scale] = {}
         for name, texts in prompts.items():
-            scores = _score_set(pipe, texts, seeds, scale=scale, steps=steps, batch_size=batch_size,
+            scores, failures = _score_set(pipe, texts, seeds, scale=scale, steps=steps, batch_size=batch_size,
                                 heat=heat if scale == main else None, progress=progress,
-                                desc=f"{name} g={scale:g}")
-            summary = metrics.summarize(scores)
+                                desc=f"{name} g={scale:g}", sampling=sampling)
+            summary = metrics.summarize(scores, failures)
             by_scale[scale][name] = summary["all"]
             if scale == main:
                 report_sets[name] = summary
@@ -221,7 +221,9 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
     report = {
         "pipeline": pipeline,
         "config": {"quick": quick, "seeds": len(seeds), "guidance_scale": main,
-                   "guidance_scales": list(scales), "steps": steps,
+                   "guidance_scales": list(scales), "steps": steps, "scheduler": scheduler_name(pipe.scheduler),
+                   "scheduler_config": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
+                   "guidance_rescale": float(guidance_rescale), "guidance_interval": list(sampling["guidance_interval"]),
                    "sizes": {k: len(v) for k, v in prompts.items()},
                    "image_size": pipe.unet.config.sample_size, "holdout": [list(p) for p in holdout],
                    "thresholds": list(thresholds), "heatmaps": heatmaps, "edits": edits,
@@ -251,6 +253,9 @@ def format_report(report: dict) -> str:
     for name, s in report["sets"].items():
         lines.append(f"{name:<9}{s['n']:>5}" + "".join(f"{_fmt(s['accuracy'].get(a), 9)}" for a in attrs)
                      + f"{_fmt(s['all'], 9)}")
+    for name, s in report["sets"].items():
+        if s.get("failures"):
+            lines.append(f"  {name} failures: " + ", ".join(f"{k} {v:.3f}" for k, v in s["failures"].items()))
     scales = list(report["guidance"])
     lines.append("")
     lines.append(f"{'guidance':<9}" + "".join(f"{'g=' + g:>9}" for g in scales))

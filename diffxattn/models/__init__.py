@@ -1,4 +1,4 @@
-from .attention import AttnProcessor, TransformerBlock, make_attention
+from .attention import AttnProcessor, SDPAProcessor, TransformerBlock, make_attention
 from .unet import XAttnUNet
 
-__all__ = ["AttnProcessor", "TransformerBlock", "XAttnUNet", "make_attention"]
+__all__ = ["AttnProcessor", "SDPAProcessor", "TransformerBlock", "XAttnUNet", "make_attention"]

@@ -103,8 +103,11 @@ def attention_probs(inputs: AttentionInputs, scale: float) -> torch.Tensor:
     return scores.softmax(dim=-1)
 
 
-class AttnProcessor:
-    """Default processor: PyTorch scaled-dot-product attention (fused, no explicit probabilities)."""
+class SDPAProcessor:
+    """Default processor: PyTorch scaled-dot-product attention (fused, no explicit probabilities).
+
+    diffusers' `AttnProcessor2_0` does the same; its `AttnProcessor` is the explicit-softmax one.
+    """
 
     def __call__(
         self,
@@ -119,6 +122,9 @@ class AttnProcessor:
         return attention_output(attn, out, inputs)
 
 
+AttnProcessor = SDPAProcessor  # the old name (before #20), easily mistaken for diffusers' explicit-softmax one
+
+
 def make_attention(query_dim: int, heads: int, cross_attention_dim: int | None = None) -> Attention:
     """A diffusers `Attention` (to_q from image tokens, to_k/to_v from `cross_attention_dim`) with our processor."""
     return Attention(
@@ -127,7 +133,7 @@ def make_attention(query_dim: int, heads: int, cross_attention_dim: int | None =
         heads=heads,
         dim_head=query_dim // heads,
         bias=False,
-        processor=AttnProcessor(),
+        processor=SDPAProcessor(),
     )
 
 

@@ -1,5 +1,8 @@
 """Text side: transformers' CLIPTextModel + CLIPTokenizer, loaded from a folder / hub id, or built small.
 
+Also the two raw operations on them, `tokenize` (padded ids + mask) and `encode` (ids -> hidden states);
+prompts as such (syntax, words, weights, truncation) are `diffxattn.conditioning`'s.
+
 No machine of this project reaches a model hub, so `build_tokenizer` learns a CLIP-format BPE
 vocabulary (`vocab.json`, `merges.txt`) from a caption corpus and `build_text_encoder` makes a small
 randomly initialised `CLIPTextModel`; both load back with the plain transformers classes.
@@ -11,13 +14,10 @@ import collections
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-from ..errors import shorten
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenizer pattern (lower-cased text): words, single digits, runs of other symbols.
@@ -111,10 +111,10 @@ def build_tokenizer(captions: list[str], save_dir: str | os.PathLike, max_length
     return tokenizer
 
 
-def build_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
-                       intermediate_size: int | None = None, seed: int | None = 0) -> CLIPTextModel:
-    """A small randomly initialised CLIPTextModel matching `tokenizer` (vocab, special ids, max length)."""
-    config = CLIPTextConfig(
+def text_encoder_config(tokenizer: CLIPTokenizer, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
+                        intermediate_size: int | None = None) -> CLIPTextConfig:
+    """A small CLIPTextModel's config matching `tokenizer` (vocab, special ids, max length)."""
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 4 * hidden_size,
@@ -126,35 +126,15 @@ def build_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 128, num_lay
         pad_token_id=tokenizer.pad_token_id,
         projection_dim=hidden_size,
     )
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
+                       intermediate_size: int | None = None, seed: int | None = 0) -> CLIPTextModel:
+    """A small randomly initialised CLIPTextModel matching `tokenizer` (vocab, special ids, max length)."""
+    config = text_encoder_config(tokenizer, hidden_size, num_layers, num_heads, intermediate_size)
     if seed is not None:
         torch.manual_seed(seed)
     return CLIPTextModel(config)
-
-
-class PromptTooLongError(ValueError):
-    """A prompt has more tokens than the text encoder reads (raised instead of a warning when strict)."""
-
-
-def dropped_words(tokenizer: CLIPTokenizer, prompt: str) -> list[str]:
-    """The words of `prompt` that do not fit into the encoder's max length (BOS and EOS included)."""
-    from ..prompts import word_token_map
-
-    last = tokenizer.model_max_length - 1  # position of EOS when the prompt fills the window
-    return [w for w, pos in word_token_map(prompt, tokenizer) if pos and pos[-1] >= last]
-
-
-def check_length(tokenizer: CLIPTokenizer, prompts: list[str], strict: bool = False) -> None:
-    """Warn (or raise PromptTooLongError when strict) naming the words a too-long prompt loses."""
-    for prompt in prompts:
-        if len(prompt) < tokenizer.model_max_length // 2:  # cannot overflow: every token has >= 1 character
-            continue
-        lost = dropped_words(tokenizer, prompt)
-        if lost:
-            message = (f"prompt is longer than the text encoder's {tokenizer.model_max_length} tokens; "
-                       f"these words are dropped: {shorten(' '.join(lost), 200)}")
-            if strict:
-                raise PromptTooLongError(message)
-            warnings.warn(message, stacklevel=3)
 
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

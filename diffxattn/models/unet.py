@@ -95,14 +95,16 @@ class XAttnUNet(ModelMixin, ConfigMixin):
         gated_cross_attention: bool = False,
         query_pos_embed: bool = True,
         ff_mult: int = 2,
+        patch_size: int = 1,
     ):
         super().__init__()
         if len(block_out_channels) < 2:
             raise ValueError(f"block_out_channels needs at least 2 levels, got {tuple(block_out_channels)}")
-        if sample_size % 2 ** (len(block_out_channels) - 1):
-            raise ValueError(
-                f"sample_size={sample_size} must be divisible by 2**(levels-1)={2 ** (len(block_out_channels) - 1)}"
-            )
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+        factor = patch_size * 2 ** (len(block_out_channels) - 1)
+        if sample_size % factor:
+            raise ValueError(f"sample_size={sample_size} must be divisible by patch_size * 2**(levels-1)={factor}")
         for ch in block_out_channels:
             if ch % num_heads:
                 raise ValueError(f"every block_out_channels entry must be divisible by num_heads={num_heads}, got {ch}")
@@ -111,7 +113,7 @@ class XAttnUNet(ModelMixin, ConfigMixin):
         if len(layers) != len(chs) or min(layers) < 1:
             raise ValueError(f"layers_per_block={layers_per_block} must be an int >= 1 or one such int per level "
                              f"({len(chs)} levels)")
-        resolutions = [sample_size // 2**i for i in range(len(chs))]
+        resolutions = [sample_size // patch_size // 2**i for i in range(len(chs))]
         known = set(resolutions)
         for name, res in (("cross_attention_resolutions", cross_attention_resolutions),
                           ("self_attention_resolutions", self_attention_resolutions)):
@@ -130,7 +132,10 @@ class XAttnUNet(ModelMixin, ConfigMixin):
         temb_dim = 4 * chs[0]
         self.time_proj = Timesteps(chs[0], flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(chs[0], temb_dim)
-        self.conv_in = nn.Conv2d(in_channels, chs[0], 3, padding=1)
+        # patch_size p > 1: a p x p patch stem (each patch of pixels becomes one feature vector) and a
+        # pixel-shuffle head, so the first level runs at 1/p of the resolution: ~p^2 times less compute there
+        p = patch_size
+        self.conv_in = nn.Conv2d(in_channels, chs[0], 3, padding=1) if p == 1 else nn.Conv2d(in_channels, chs[0], p, p)
 
         self.down_blocks = nn.ModuleList()
         skip_chs = [chs[0]]
@@ -158,11 +163,11 @@ class XAttnUNet(ModelMixin, ConfigMixin):
             self.up_blocks.append(Level(in_chs, out_ch, temb_dim, attention(res), None if last else "up"))
 
         self.conv_norm_out = group_norm(chs[0])
-        self.conv_out = nn.Conv2d(chs[0], out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(chs[0], out_channels * p * p, 3, padding=1)
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.config.block_out_channels) - 1)
+        return self.config.patch_size * 2 ** (len(self.config.block_out_channels) - 1)
 
     def forward(
         self,
@@ -203,4 +208,6 @@ class XAttnUNet(ModelMixin, ConfigMixin):
             if level.resample is not None:
                 h = level.resample(h)
         out = self.conv_out(F.silu(self.conv_norm_out(h)))
+        if self.config.patch_size > 1:
+            out = F.pixel_shuffle(out, self.config.patch_size)  # (B, C*p*p, H/p, W/p) -> (B, C, H, W)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)

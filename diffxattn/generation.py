@@ -1,0 +1,119 @@
+"""Prompt tools in one call, on our pipeline or Stable Diffusion: weighted prompts, prompt editing over steps,
+and prompt-to-prompt edits.
+
+    image = generate(pipe, "a (red:1.6) circle", weight_mode="attention").images[0]
+    image = generate(pipe, "a [red:blue:0.5] circle").images[0]      # prompt editing over steps
+    source, edited = edit(pipe, "a red circle at the left", "a blue circle at the left")
+    result = edit(pipe, source, target, local_blend=["circle"])     # result.mask: where the edit shows
+
+Each composes the attention controllers (`control.edits`), the text conditioning (`conditioning`) and the
+step callbacks (`callbacks`); a `callback_on_step_end` of the caller runs after theirs.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .callbacks import PromptSchedule, StepCallbacks
+from .conditioning import TokenizedPrompt, encode, masks_padding, weighted_embeddings
+from .control.edits import FEATURE_LAYERS, AttentionReweight, LocalBlend, PromptToPrompt
+from .control.steps import StepRange
+from .prompt_syntax import has_weights, parse_schedule
+
+WEIGHT_MODES = ("attention", "embedding", "embedding-a1111")
+
+
+def _steps(pipe, steps: int | None) -> int:
+    if steps is not None:  # 0 is an error for the pipeline to name, not "the default"
+        return steps
+    return getattr(pipe.config, "default_steps", 50)  # 50: Stable Diffusion pipelines' default
+
+
+def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=StepRange.fraction(0, 1),
+             num_inference_steps: int | None = None, negative_prompt: str | None = None,
+             callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None, **kwargs):
+    """Generate with Automatic1111/compel weight syntax and `[from:to:when]` prompt editing over steps.
+
+    weight_mode "attention" scales the weighted tokens' cross-attention probabilities (in the steps
+    `weight_steps`, a `StepRange`); "embedding" scales token embeddings towards/away from the empty prompt
+    (compel), "embedding-a1111" scales them and restores their mean. Returns the pipeline output.
+    """
+    if weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"weight mode {weight_mode!r}; expected one of {WEIGHT_MODES}")
+    steps = _steps(pipe, num_inference_steps)
+    schedule = parse_schedule(prompt, steps)  # [(end_step, text), ...]
+    tokens = [TokenizedPrompt.of(pipe.tokenizer, text) for _, text in schedule]
+    prompt_of_step = [next(k for k, (end, _) in enumerate(schedule) if s < end) for s in range(steps)]
+    if weight_mode == "attention":
+        embeds, mask = encode(pipe, [t.clean for t in tokens])
+        weights = torch.tensor([t.weights for t in tokens])  # (prompts, S)
+    else:
+        embeds, mask = weighted_embeddings(pipe, tokens, "compel" if weight_mode == "embedding" else "a1111")
+        weights = torch.ones(1)
+    schedule_callback = PromptSchedule(pipe, embeds, mask, prompt_of_step) if len(tokens) > 1 else None
+    callbacks = StepCallbacks([(schedule_callback, None),
+                               (callback_on_step_end, callback_on_step_end_tensor_inputs)])
+    text = {"prompt_embeds": embeds[:1], **({"prompt_attention_mask": mask[:1]} if masks_padding(pipe) else {})}
+    with ExitStack() as stack:
+        if (weights != 1).any():
+            stack.enter_context(AttentionReweight(pipe, lambda s: weights[prompt_of_step[min(s, steps - 1)]][None],
+                                                  steps=weight_steps))
+        return pipe(**text, negative_prompt=negative_prompt, num_inference_steps=steps, **callbacks.kwargs(),
+                    **kwargs)
+
+
+@dataclass
+class EditResult:
+    """What `edit` made. Reads as the (source, edited) pair `edit` used to return: `source, edited = edit(...)`,
+    `edit(...)[1]`, `list(edit(...))`."""
+
+    source: object  # the source image, in the pipeline's output type (PIL image, numpy array or tensor)
+    edited: object
+    mask: torch.Tensor | None  # (H, W) bool at the image size: where local blend let the edit through; None
+    # without local blend (the mask of the last step, which decided the final latents)
+
+    def __getitem__(self, index):
+        return (self.source, self.edited)[index]
+
+    def __len__(self) -> int:
+        return 2
+
+
+def edit(pipe, source: str, target: str, *, cross_replace=StepRange.fraction(0, 0.8),
+         self_replace=StepRange.fraction(0, 0.4), feature_replace=StepRange.fraction(0, 0),
+         feature_layers=FEATURE_LAYERS, local_blend: list[str] | None = None, blend_threshold: float = 0.3,
+         seed: int = 0, callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None,
+         **kwargs) -> EditResult:
+    """Prompt-to-prompt: the source image and the edited one from the same noise, the edit keeping the layout.
+
+    Weight syntax in `target` on words shared with `source` reweights them (prompt-to-prompt's reweight edit).
+    `feature_replace` (e.g. StepRange.fraction(0, 0.8)) also gives the edit the source's decoder features
+    (`PromptToPrompt`): for attribute edits such as a color, which then keep the object's shape and position.
+    `local_blend`: words whose region alone may change (`LocalBlend`); the result carries its mask.
+    """
+    if has_weights(source):
+        raise ValueError(f"the source prompt {source!r} has weight syntax; put weights in the target prompt")
+    src, tgt = TokenizedPrompt.of(pipe.tokenizer, source), TokenizedPrompt.of(pipe.tokenizer, target)
+    generator = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)]
+    with ExitStack() as stack:
+        p2p = stack.enter_context(PromptToPrompt(pipe, src, tgt, cross_replace=cross_replace,
+                                                 self_replace=self_replace, feature_replace=feature_replace,
+                                                 feature_layers=feature_layers, weights=tgt.word_weights()))
+        blend = stack.enter_context(LocalBlend(pipe, [src, tgt], local_blend, threshold=blend_threshold)
+                                    ) if local_blend else None
+        callbacks = StepCallbacks([(blend.callback if blend else None, ["latents"]),
+                                   (callback_on_step_end, callback_on_step_end_tensor_inputs)])
+        images = pipe(p2p.prompts, generator=generator, **callbacks.kwargs(), **kwargs).images
+    return EditResult(images[0], images[1], _image_mask(pipe, blend))
+
+
+def _image_mask(pipe, blend: LocalBlend | None) -> torch.Tensor | None:
+    """The blend's latent mask (1, 1, h, w) as a (H, W) bool mask at the image size (nearest)."""
+    if blend is None or blend.mask is None:
+        return None
+    scale = getattr(pipe, "vae_scale_factor", 1)  # Stable Diffusion's latents are 8x smaller; ours are pixels
+    return F.interpolate(blend.mask, scale_factor=scale, mode="nearest")[0, 0] > 0
