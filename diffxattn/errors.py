@@ -60,7 +60,7 @@ def message(error: BaseException) -> str:
 
 
 def _is_prompt_error(error: BaseException) -> bool:
-    from .prompts import PromptSyntaxError
+    from .prompt_syntax import PromptSyntaxError  # torch-free, unlike .prompts
 
     return isinstance(error, PromptSyntaxError)
 
