@@ -36,11 +36,8 @@ def register_with_diffusers() -> None:
     """diffusers resolves a saved pipeline's `_class_name` by name inside the `diffusers` module (components as
     `diffxattn.<Class>`). Registering the pipeline class there lets plain `DiffusionPipeline.from_pretrained(folder)`
     load our folders without running code from the folder (a custom `pipeline.py` needs trust_remote_code=True)."""
-    import diffusers
-
-    from .pipeline import DiffXAttnPipeline
-
-    setattr(diffusers, DiffXAttnPipeline.__name__, DiffXAttnPipeline)
+    if __name__ + ".pipeline" not in sys.modules:  # else it is being imported, and registers itself at its end
+        importlib.import_module(".pipeline", __name__)
 
 
 class _RegisterWhenDiffusersLoads(importlib.abc.MetaPathFinder):

@@ -369,3 +369,10 @@ class DiffXAttnPipeline(DiffusionPipeline):
         if output_type == "np":
             return arr
         return [Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in arr]
+
+
+# diffusers resolves a saved pipeline's `_class_name` by name inside the `diffusers` module: registered there,
+# plain `DiffusionPipeline.from_pretrained(folder)` loads our folders (see diffxattn/__init__.py).
+import diffusers as _diffusers  # noqa: E402
+
+setattr(_diffusers, DiffXAttnPipeline.__name__, DiffXAttnPipeline)

@@ -74,13 +74,13 @@ def write_viewer(
     fields = {
         "CSP": html.escape(CSP, quote=False),  # the attribute is "-quoted; keep the readable quotes
         "TITLE": html.escape(title),
-        "IMAGE": _png_data_uri(image),
-        "CSS": _CSS,
-        "JS": _JS,
+        "CSS": VIEWER_CSS,
+        "JS": VIEWER_JS,
+        "VIEWER": VIEWER_HTML.replace("__IMAGE__", _png_data_uri(image)),
         "DATA": _script_safe_json(data),
     }
     # One pass, so text from a field (the title, the prompt) is never scanned for placeholders.
-    page = re.sub(r"__([A-Z]+)__", lambda m: fields[m.group(1)], _PAGE)
+    page = re.sub(r"__([A-Z]+)__", lambda m: fields[m.group(1)], _PAGE)  # VIEWER carries no placeholder
     return write_text(Path(path), page)
 
 
@@ -114,19 +114,12 @@ def _script_safe_json(data: dict) -> str:
     return text
 
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="__CSP__">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>__TITLE__</title>
-<style>__CSS__</style>
-</head>
-<body>
-<header><h1>__TITLE__</h1><p id="prompt" class="prompt"></p></header>
+# The viewer's markup: word chips, the image and its overlay, the controls and the share chart. The standalone
+# page below and the live app (serve/page.py) both embed it and drive it with VIEWER_JS's mountViewer(data).
+VIEWER_HTML = """
+<p id="prompt" class="prompt"></p>
 <nav id="words" class="chips" aria-label="prompt words"></nav>
-<main class="row">
+<div class="row">
   <figure><img id="raw" alt="generated image" src="__IMAGE__"><figcaption>image</figcaption></figure>
   <figure><canvas id="overlay" data-word="0"></canvas><figcaption id="caption"></figcaption></figure>
   <section class="controls">
@@ -142,19 +135,36 @@ _PAGE = """<!DOCTYPE html>
     <div class="colorbar"><canvas id="colorbar" width="256" height="1"></canvas>
       <div class="ends"><span>low</span><span>per-word min&ndash;max</span><span>high</span></div></div>
   </section>
-</main>
+</div>
 <section class="chart">
   <h2>share of attention per step bin</h2>
   <svg id="chart" viewBox="0 0 760 240" role="img" aria-label="share of attention per word"></svg>
   <div id="legend" class="legend"></div>
 </section>
+"""
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="__CSP__">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>__TITLE__</title>
+<style>__CSS__</style>
+</head>
+<body>
+<header><h1>__TITLE__</h1></header>
+<main>__VIEWER__</main>
 <script type="application/json" id="data">__DATA__</script>
-<script>__JS__</script>
+<script>__JS__
+const img0 = document.getElementById("raw"), data0 = JSON.parse(document.getElementById("data").textContent);
+if (img0.complete && img0.naturalWidth) mountViewer(data0); else img0.addEventListener("load", () => mountViewer(data0));
+</script>
 </body>
 </html>
 """
 
-_CSS = """
+VIEWER_CSS = """
 :root { --fg: #1d1f23; --muted: #6b7079; --line: #dde0e5; --accent: #2563eb; }
 * { box-sizing: border-box; }
 body { margin: 0; padding: 20px 28px; background: #f6f7f9; color: var(--fg);
@@ -201,16 +211,17 @@ input[type=range] { width: 100%; accent-color: var(--accent); }
 .legend span.selected { color: var(--fg); font-weight: 600; }
 """
 
-_JS = r"""
+VIEWER_JS = r"""
 "use strict";
-const D = JSON.parse(document.getElementById("data").textContent);
+// mountViewer(data) shows one image's maps: data = {prompt, words, steps, maps, layers, layer_maps}, #raw
+// holding the image (loaded). It may be called again with another image's data (the live app does).
+let D = null, shares = [];
 const $ = (id) => document.getElementById(id);
 const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                  "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
 const color = (w) => PALETTE[w % PALETTE.length];
 const SVGNS = document.getElementById("chart").namespaceURI;  // no URL literal in the page
-const state = { word: Math.min(1, D.words.length - 1), step: D.maps.length - 1, opacity: 0.6,
-                mode: "steps", cumulative: true, preview: null, ready: false };
+const state = { word: 0, step: 0, opacity: 0.6, mode: "steps", cumulative: true, preview: null, ready: false };
 window.viewerState = state;
 
 // Turbo colormap, polynomial fit (Mikhailov 2019): x in [0, 1] -> [r, g, b] in 0..255.
@@ -273,13 +284,13 @@ function sliderText() {
 }
 
 // share[w][s] = sum of word w's map at bin s / sum over all words at bin s.
-const shares = (() => {
+function computeShares() {
   const tot = D.words.map((_, w) => D.maps.map((bin) => bin[w].flat().reduce((a, b) => a + b, 0)));
   return tot.map((row) => row.map((v, s) => {
     const all = tot.reduce((a, r) => a + r[s], 0);
     return all > 0 ? v / all : 0;
   }));
-})();
+}
 
 function el(tag, attrs, parent) {
   const e = document.createElementNS(SVGNS, tag);
@@ -335,6 +346,7 @@ function select(w) { state.word = w; refresh(); }
 
 function buildWords() {
   $("prompt").textContent = D.prompt;
+  $("words").replaceChildren(); $("legend").replaceChildren();
   D.words.forEach((word, w) => {
     const chip = document.createElement("button");
     chip.type = "button"; chip.className = "chip"; chip.textContent = word;
@@ -365,26 +377,33 @@ function colorbar() {
   cb.putImageData(px, 0, 0);
 }
 
-function init() {
+let controlsBound = false;
+function bindControls() {
+  colorbar();
+  $("opacity").addEventListener("input", (e) => { state.opacity = Number(e.target.value); refresh(); });
+  $("step").addEventListener("input", (e) => { state.step = Number(e.target.value); refresh(); });
+  $("cumulative").addEventListener("change", (e) => { state.cumulative = e.target.checked; refresh(); });
+  document.querySelectorAll("input[name=mode]").forEach((r) =>
+    r.addEventListener("change", (e) => setMode(e.target.value)));
+  state.opacity = Number($("opacity").value);
+  controlsBound = true;
+}
+
+function mountViewer(data) {
+  if (!controlsBound) bindControls();
+  D = data; shares = computeShares();
   // Canvas pixels: at least 384 on the long side so the upsampled map is smooth; CSS size 384.
   const nw = img.naturalWidth, nh = img.naturalHeight, scale = Math.max(1, Math.ceil(384 / Math.max(nw, nh)));
   canvas.width = nw * scale; canvas.height = nh * scale;
   for (const e of [img, canvas]) {
     e.style.width = (384 * nw) / Math.max(nw, nh) + "px"; e.style.height = (384 * nh) / Math.max(nw, nh) + "px";
   }
-  buildWords(); colorbar();
-  $("opacity").addEventListener("input", (e) => { state.opacity = Number(e.target.value); refresh(); });
-  $("step").addEventListener("input", (e) => { state.step = Number(e.target.value); refresh(); });
-  $("cumulative").addEventListener("change", (e) => { state.cumulative = e.target.checked; refresh(); });
-  if (D.layer_maps) {
-    $("mode").hidden = false;
-    document.querySelectorAll("input[name=mode]").forEach((r) =>
-      r.addEventListener("change", (e) => setMode(e.target.value)));
-  }
-  state.opacity = Number($("opacity").value);
+  state.word = Math.min(state.ready ? state.word : 1, D.words.length - 1); state.preview = null;
+  buildWords();
+  $("mode").hidden = !D.layer_maps;
+  document.querySelector("input[name=mode][value=steps]").checked = true;
   setMode("steps");
   state.ready = true;
 }
-
-if (img.complete && img.naturalWidth) init(); else img.addEventListener("load", init);
+window.mountViewer = mountViewer;
 """
