@@ -3,6 +3,9 @@
     diffxattn generate "a red circle at the left" --seed 0 -o out.png
     diffxattn build configs/tiny.yaml -o pipelines/tiny-untrained
     diffxattn train configs/tiny.yaml train.max_steps=20 [--resume latest]
+    diffxattn serve                       # a local web app at http://127.0.0.1:7860/
+
+Importing this module loads no torch: each command imports what it needs, so `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -192,6 +195,14 @@ def cmd_samples(args) -> None:
         print(path)
 
 
+def cmd_serve(args) -> None:
+    try:
+        from .serve.app import serve
+    except ImportError as e:
+        raise SystemExit(f"diffxattn serve: error: {e.name or e} is not installed; pip install 'diffxattn[serve]'") from None
+    serve(args.pipeline, host=args.host, port=args.port)
+
+
 def cmd_build(args) -> None:
     from .build import build_pipeline
     from .checkpoint import check_replaceable, save_pipeline
@@ -291,8 +302,15 @@ def rate(text: str) -> float:
     return value
 
 
-COUNT, STEPS, GUIDANCE, FRACTION, INTERVAL, SEED, RATE = (arg_type(f) for f in (count, steps, guidance, fraction, interval,
-                                                                                  seed, rate))
+def port(text: str) -> int:
+    value = _parse(text, int)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"expected a port from 0 to 65535, got {text}")
+    return value
+
+
+COUNT, STEPS, GUIDANCE, FRACTION, INTERVAL, SEED, RATE, PORT = (arg_type(f) for f in (
+    count, steps, guidance, fraction, interval, seed, rate, port))
 
 
 def add_guidance_options(p: argparse.ArgumentParser) -> None:
@@ -416,6 +434,13 @@ def parser() -> argparse.ArgumentParser:
                     help="`diffxattn eval` reports whose guidance curves to plot in guidance.png (one line each)")
     sm.add_argument("-o", "--out", default="samples")
     sm.set_defaults(func=cmd_samples)
+
+    sv = sub.add_parser("serve", help="a local web app: generate, see each word's heatmap, reweight and edit, live")
+    sv.add_argument("--pipeline", help=f"pipeline folder (default: {DEFAULT_PIPELINE})")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1: this machine only; others get a warning)")
+    sv.add_argument("--port", type=PORT, default=7860, help="port (default 7860; 0: any free port)")
+    sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("build", help="build and save a pipeline from a YAML config (untrained, except for what "
                                      "model.pretrained and text.pretrained load)")

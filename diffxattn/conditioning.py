@@ -289,3 +289,34 @@ def _equal_runs(row: list[float]):
         length = len(list(group))
         yield start, length, value
         start += length
+
+
+def with_word_weights(tokenizer, prompt: str, weights: dict[int, float]) -> str:
+    """`prompt` rewritten so that word k (of `TokenizedPrompt.of(tokenizer, prompt).words`) has weight
+    `weights[k]`; the other words keep theirs. Weights are written as ``(word:1.5)``, literal syntax characters
+    escaped, so ``parse_weights`` of the result gives back every word's weight:
+
+    >>> with_word_weights(tok, "a red++ circle", {2: 0.5})
+    'a (red:1.21) (circle:0.5)'
+    """
+    from .prompt_syntax import _ESCAPABLE
+
+    spans = parse_weights(prompt)
+    clean = "".join(span.text for span in spans)
+    char_weights = [span.weight for span in spans for _ in span.text]
+    words = _words(clean, tokenizer)
+    unknown = [k for k in weights if not 0 <= k < len(words)]
+    if unknown:
+        raise ValueError(f"word {unknown[0]} is not in the prompt, which has {len(words)} words")
+    per_char = [1.0] * len(clean)  # characters outside every word (spaces) carry no weight: written plainly
+    for k, word in enumerate(words):
+        weight = weights.get(k, char_weights[word.start] if word.start < len(clean) else 1.0)
+        for c in range(word.start, min(word.start + len(word.text), len(clean))):
+            per_char[c] = round(float(weight), 4)
+    pieces, start = [], 0
+    for end in range(1, len(clean) + 1):  # runs of one weight
+        if end == len(clean) or per_char[end] != per_char[start]:
+            text = "".join("\\" + ch if ch in _ESCAPABLE else ch for ch in clean[start:end])
+            pieces.append(text if per_char[start] == 1.0 else f"({text}:{per_char[start]:g})")
+            start = end
+    return "".join(pieces)

@@ -67,22 +67,41 @@ def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, promp
         files.append(name)
     atomic.save_image(labelled_grid([("image", image), *tiles], columns=5, cell=image.width * scale), out / "grid.png")
 
-    tensors = {"tokens": tokens.contiguous()}
+    tensors, steps, layers = map_tensors(store, index)
+    atomic.write_file(out / "maps.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    meta = maps_meta(store, text, words, prompt, seed, steps, layers)
+    meta["word_files"] = dict(zip(keys, files))
+    atomic.write_text(out / "maps.json", json.dumps(meta, indent=2, ensure_ascii=False))
+    for name in previous - set(files):  # the previous prompt's words: stale once maps.json no longer lists them
+        (out / name).unlink(missing_ok=True)
+    write_viewer(out / "index.html", image=image, **viewer_data(prompt, words, tensors, steps, layers))
+    return meta
+
+
+def map_tensors(store: AttentionStore, index: int = 0) -> tuple[dict[str, torch.Tensor], list[int] | None,
+                                                                  list[str] | None]:
+    """What maps.safetensors holds for image `index`: {"tokens": (S, H, W), "steps": (bins, S, H, W) if the
+    store kept step bins, "layers": (L, S, H, W) if it kept layers}, with the bins' first steps and the layers."""
+    tensors = {"tokens": store.token_maps(index).contiguous()}
     steps = layers = None
     if store.step_bins:
         tensors["steps"] = store.step_token_maps(index).contiguous()  # (bins, S, H, W)
         steps = sorted({s * store.step_bins // max(store.num_steps, 1) for s in store.steps_seen})
     if store.per_layer:
         layers, tensors["layers"] = store.layer_token_maps(index)
-    atomic.write_file(out / "maps.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    return tensors, steps, layers
 
-    meta = {
+
+def maps_meta(store: AttentionStore, text: TokenizedPrompt, words: list[tuple[str, list[int]]], prompt: str,
+              seed: int | None, steps: list[int] | None, layers: list[str] | None) -> dict:
+    """maps.json: what the tensors of `map_tensors` are (tokens, words and their positions, steps, layers)."""
+    keys = word_keys([w for w, _ in words])
+    return {
         "prompt": prompt,
         "seed": seed,
         "tokens": store.pipe.tokenizer.convert_ids_to_tokens(text.ids),
         "words": [w for w, _ in words],
         "word_tokens": {k: pos for k, (_, pos) in zip(keys, words)},
-        "word_files": dict(zip(keys, files)),
         "resolutions": store.captured_resolutions,
         "image_size": list(store.image_size),
         "num_steps": store.num_steps,
@@ -93,20 +112,20 @@ def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, promp
                  "steps": "(bins, S, H, W) per step bin" if steps else None,
                  "layers": "(L, S, H, W) per layer, summed over steps" if layers else None},
     }
-    atomic.write_text(out / "maps.json", json.dumps(meta, indent=2, ensure_ascii=False))
-    for name in previous - set(files):  # the previous prompt's words: stale once maps.json no longer lists them
-        (out / name).unlink(missing_ok=True)
 
+
+def viewer_data(prompt: str, words: list[tuple[str, list[int]]], tensors: dict[str, torch.Tensor],
+                steps: list[int] | None, layers: list[str] | None) -> dict:
+    """The viewer's per-word maps (`write_viewer`'s keyword arguments but the image) from `map_tensors`."""
     def per_word(maps: torch.Tensor) -> np.ndarray:  # (n, S, H, W) -> (n, words, h, w), at most 64 px
         m = torch.stack([maps[:, pos].mean(1) for _, pos in words], 1)
         if max(m.shape[-2:]) > 64:
             m = torch.nn.functional.interpolate(m, size=(64, 64), mode="bilinear", align_corners=False)
         return m.clamp_min(0).numpy()
 
-    step_maps = per_word(tensors["steps"]) if "steps" in tensors else per_word(tokens[None])
-    write_viewer(out / "index.html", prompt=prompt, image=image, words=[w for w, _ in words], maps=step_maps,
-                 steps=steps, layers=layers, layer_maps=per_word(tensors["layers"]) if layers else None)
-    return meta
+    step_maps = per_word(tensors["steps"]) if "steps" in tensors else per_word(tensors["tokens"][None])
+    return {"prompt": prompt, "words": [w for w, _ in words], "maps": step_maps, "steps": steps, "layers": layers,
+            "layer_maps": per_word(tensors["layers"]) if layers else None}
 
 
 def previous_word_files(out: Path) -> set[str]:
