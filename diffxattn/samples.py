@@ -124,6 +124,10 @@ def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | No
                 written.append(take(out / "heatmaps" / "index.html", out / "viewer.png"))
         except ImportError:  # selenium is a test extra
             print("selenium not installed: skipped the viewer screenshot")
+        try:
+            written.append(app_screenshot(pipe, out / "serve.png", seed=seed))
+        except ImportError as e:  # selenium: a test extra; starlette/uvicorn: the serve extra
+            print(f"{e.name} not installed: skipped the live app screenshot")
 
     cells = []
     for source, target, options in EDITS:
@@ -150,3 +154,40 @@ def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | No
         guidance_chart([json.loads(Path(r).read_text()) for r in guidance_reports]).save(out / "guidance.png")
         written.append(out / "guidance.png")
     return written
+
+
+def app_screenshot(pipe, path: str | Path, *, seed: int = 0, prompt: str = HEATMAP_PROMPT) -> Path:
+    """`diffxattn serve`'s page in headless Chromium: a generated image, a word's heatmap, one weight moved."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from .browser import chromium
+    from .serve.app import LiveApp, running
+
+    def wait_for_run(driver, runs: int) -> None:
+        WebDriverWait(driver, 120).until(lambda d: d.execute_script(
+            f"return window.appState.runs > {runs} && window.appState.shown === window.appState.result.run"))
+
+    path = Path(path)
+    with running(LiveApp(pipe=pipe)) as url, chromium(width=1280, height=1000) as driver:
+        driver.get(url)
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script("return window.appState.ready"))
+        box = driver.find_element("id", "prompt-input")
+        box.clear()
+        box.send_keys(prompt)
+        driver.find_element("id", "seed").clear()
+        driver.find_element("id", "seed").send_keys(str(seed))
+        driver.find_element("id", "generate").click()
+        wait_for_run(driver, 0)
+        driver.execute_script("const s = document.querySelector('#weights input[data-word=\"1\"]'); s.value = '1.5';"
+                              "s.dispatchEvent(new Event('input')); s.dispatchEvent(new Event('change'));")
+        wait_for_run(driver, 1)
+        driver.find_elements("css selector", "#words .chip")[2].click()
+        for _ in range(3):  # grow the window until the viewport holds the page
+            page_h, view_h, outer_h = driver.execute_script(
+                "return [document.documentElement.scrollHeight, window.innerHeight, window.outerHeight]")
+            if view_h >= page_h:
+                break
+            driver.set_window_size(1280, page_h + outer_h - view_h)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(path))
+    return path
