@@ -94,6 +94,18 @@ def _non_finite(config) -> str | None:
     return None
 
 
+def check_weights_present(pipe: "DiffXAttnPipeline", folder: Path) -> None:
+    """Every parameter the components' configs ask for was in their weight files: diffusers leaves the missing
+    ones unallocated (on the "meta" device) with only a warning, and the first use then fails."""
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            missing = [k for k, v in [*component.named_parameters(), *component.named_buffers()] if v.is_meta]
+            if missing:
+                raise PipelineLoadError(f"{folder / name}: the weights file has no weights for {', '.join(missing[:3])}"
+                                        f"{' ...' if len(missing) > 3 else ''}, which its config.json asks for "
+                                        "(a config edited after the weights were saved?)")
+
+
 def check_components(pipe: "DiffXAttnPipeline", folder: Path) -> None:
     """Components that load on their own but cannot work together (a tokenizer longer than the text encoder's
     window pads every prompt to its length; ids past the embedding table fail inside the encoder)."""
@@ -173,6 +185,7 @@ class DiffXAttnPipeline(DiffusionPipeline):
             pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except Exception as e:  # the folder is user data: whatever its files make a loader raise is their fault
             raise PipelineLoadError(f"cannot load the pipeline in {folder}: {diagnose(folder, e)}") from e
+        check_weights_present(pipe, folder)
         check_components(pipe, folder)
         return pipe
 

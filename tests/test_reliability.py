@@ -391,6 +391,8 @@ def test_a_pipeline_folder_asking_for_a_billion_timesteps_is_refused(pipe_dir, t
 @pytest.mark.parametrize("file, values, message", [
     ("unet/config.json", {"num_heads": "two"}, "TypeError: unsupported operand"),
     ("unet/config.json", {"cross_attention_resolutions": None}, "TypeError: 'NoneType' object is not iterable"),
+    # a config asking for parameters the weights file lacks (diffusers leaves them unallocated, on "meta")
+    ("unet/config.json", {"gated_cross_attention": 1}, "has no weights for down_blocks.0.attentions.0.gate"),
     ("scheduler/scheduler_config.json", {"trained_betas": [0.5] * 10}, "IndexError: index"),
     ("scheduler/scheduler_config.json", {"beta_schedule": "foo"}, "NotImplementedError: foo is not implemented"),
     ("text_encoder/config.json", {"hidden_act": "foo"}, "KeyError: 'foo'"),
