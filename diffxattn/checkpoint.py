@@ -220,18 +220,18 @@ def is_own_pipeline(folder: Path) -> bool:
     return all(name in parts for name in entries)
 
 
-def check_replaceable(out: Path) -> None:
+def check_replaceable(out: Path, is_own=None, what: str = "a pipeline folder") -> None:
     """The overwrite policy: `out` may be replaced without --overwrite only if it does not exist, is an empty
-    folder, or is a pipeline folder this project wrote."""
+    folder, or is `what` this project wrote (`is_own(out)`; default: `is_own_pipeline`)."""
     if not (out.exists() or out.is_symlink()):
         return
     if not out.is_dir():
         raise OutputExistsError(f"{out} is a file, not a folder; choose another path, or pass --overwrite to "
                                 "replace it")
     entries = sorted(p.name for p in out.iterdir())
-    if entries and not is_own_pipeline(out):
+    if entries and not (is_own or is_own_pipeline)(out):
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        raise OutputExistsError(f"{out} is not empty and is not a pipeline folder written by diffxattn (it holds "
+        raise OutputExistsError(f"{out} is not empty and is not {what} written by diffxattn (it holds "
                                 f"{shown}); choose a new folder, or pass --overwrite to replace it and everything "
                                 "in it")
 

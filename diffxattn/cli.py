@@ -139,6 +139,7 @@ def cmd_edit(args) -> None:
     from .images import labelled_grid
 
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
+    inversion, args.source = source_inversion(pipe, args, args.source, "source prompt")
     size = pipe.unet.config.sample_size
     check_scale(2 * size, size, args.scale)  # the source and the edit side by side
     cross = {"default": StepRange.parse(args.cross_replace)}
@@ -152,7 +153,7 @@ def cmd_edit(args) -> None:
                               feature_replace=StepRange.parse(args.feature_replace),
                               feature_layers=args.feature_layers or FEATURE_LAYERS,
                               local_blend=args.local_blend, blend_threshold=args.blend_threshold, seed=args.seed,
-                              num_inference_steps=args.steps, guidance_scale=args.guidance, **guidance_options(args))
+                              inversion=inversion, num_inference_steps=args.steps, guidance_scale=args.guidance, **guidance_options(args))
     pair = labelled_grid([("", source), ("", edited)], columns=2, cell=source.width)
     save_image(pair, Path(args.out), args.scale)
     if store:
@@ -166,14 +167,75 @@ def cmd_heatmap(args) -> None:
     from .heatmaps import export
     from .prompts import clean_text
 
-    clean_text(args.prompt)  # the export reads the words with the weight syntax: a syntax error comes first
+    if args.prompt is not None:
+        clean_text(args.prompt)  # the export reads the words with the weight syntax: a syntax error comes first
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
+    inversion, args.prompt = source_inversion(pipe, args, args.prompt, "prompt")
+    kwargs = dict(num_inference_steps=args.num_steps, guidance_scale=args.guidance, generator=generators(args.seed, 1),
+                  **guidance_options(args))
     with AttentionStore(pipe, resolutions=args.resolutions, layers=args.layers, blocks=args.blocks,
                         steps=StepRange.parse(args.steps), per_layer=True) as store:
-        image = pipe(args.prompt, num_inference_steps=args.num_steps, guidance_scale=args.guidance,
-                     generator=generators(args.seed, 1), **guidance_options(args)).images[0]
+        if inversion is None:
+            image = pipe(args.prompt, **kwargs).images[0]
+        else:
+            from .inversion import reconstruct
+
+            image = reconstruct(pipe, inversion, **kwargs).images[0]
     meta = export(args.out, store, image, args.prompt, seed=args.seed, scale=args.scale)
     print(f"{args.out}: {len(meta['words'])} word maps ({', '.join(meta['words'])}); open {args.out}/index.html")
+
+
+def source_inversion(pipe, args, prompt: str | None, what: str):
+    """(the inversion of --inversion or None, the prompt): with an inversion the prompt is its own."""
+    if args.inversion is None:
+        if prompt is None:
+            raise ValueError(f"give the {what}, or --inversion DIR to work on an inverted image")
+        return None, prompt
+    from .inversion import Inversion
+
+    inversion = Inversion.load(args.inversion, pipe)
+    if prompt is not None and prompt != inversion.prompt:
+        raise ValueError(f"the {what} {prompt!r} is not the one {args.inversion} was inverted with "
+                         f"({inversion.prompt!r}); leave it out to use that one")
+    return inversion, inversion.prompt
+
+
+def open_image(path: str):
+    """The image file as PIL, decoded (a file that is not an image is a one-line error naming it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise FileNotFoundError(f"image {path!r} does not exist") from None
+        raise ValueError(f"{path}: cannot be decoded as an image ({e})") from None
+
+
+def cmd_invert(args) -> None:
+    import numpy as np
+
+    from .checkpoint import check_replaceable
+    from .inversion import image_size as image_size_of
+    from .inversion import invert, is_inversion_folder, prepare_image, psnr, reconstruct
+
+    if not args.overwrite:  # before the minutes of work
+        check_replaceable(Path(args.out), is_inversion_folder, "an inversion folder")
+    pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
+    image = prepare_image(open_image(args.image), *image_size_of(pipe))  # converted / resized with a warning
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rinverting: step {done}/{total}", end="\n" if done == total else "", file=sys.stderr)
+
+    inversion = invert(pipe, image, args.prompt, method=args.method, steps=args.steps, guidance=args.guidance,
+                       guidance_interval=args.guidance_interval, callback=progress if sys.stderr.isatty() else None)
+    again = reconstruct(pipe, inversion).images[0]
+    inversion.save(args.out, overwrite=True, images={"input.png": image, "reconstruction.png": again})
+    print(f"{args.out}: {inversion.method} inversion, {inversion.steps} steps, guidance {inversion.guidance:g}, "
+          f"{inversion.seconds:.1f} s; drawn again at PSNR {psnr(np.asarray(again), np.asarray(image)):.1f} dB "
+          f"({args.out}/reconstruction.png)")
 
 
 def cmd_train_clip(args) -> None:
@@ -351,7 +413,9 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("edit", help="prompt-to-prompt: edit an image by editing its prompt, keeping the layout")
-    e.add_argument("source")
+    e.add_argument("source", nargs="?", help="the source prompt (with --inversion: the inversion's)")
+    e.add_argument("--inversion", metavar="DIR", help="edit an inverted image (`diffxattn invert`) instead of one "
+                   "drawn from --seed")
     e.add_argument("--to", required=True, help="the edited prompt (weights like (red:1.5) reweight shared words)")
     e.add_argument("--pipeline", help=f"pipeline folder (default: {DEFAULT_PIPELINE})")
     e.add_argument("--seed", type=SEED, default=0)
@@ -378,7 +442,8 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_edit)
 
     h = sub.add_parser("heatmap", help="per-word cross-attention heatmaps: PNGs, raw maps, an HTML viewer")
-    h.add_argument("prompt")
+    h.add_argument("prompt", nargs="?", help="the prompt (with --inversion: the inversion's)")
+    h.add_argument("--inversion", metavar="DIR", help="the maps of an inverted image (`diffxattn invert`)")
     h.add_argument("--pipeline", help=f"pipeline folder (default: {DEFAULT_PIPELINE})")
     h.add_argument("--seed", type=SEED, default=0)
     h.add_argument("--num-steps", type=STEPS, help="denoising steps (default: the pipeline's)")
@@ -394,6 +459,25 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--scale", type=COUNT, default=8, help="enlargement of the overlay PNGs")
     h.add_argument("-o", "--out", required=True)
     h.set_defaults(func=cmd_heatmap)
+
+    i = sub.add_parser("invert", help="invert an image: the noise (and null-text embeddings) from which the "
+                                      "pipeline draws it again, for heatmaps and edits of that image")
+    i.add_argument("image", help="an image file; converted to RGB and resized to the pipeline's size, with a warning")
+    i.add_argument("--prompt", required=True, help="what the image shows, as you would prompt for it")
+    i.add_argument("--method", default="null-text", choices=("null-text", "fixed-point", "ddim"),
+                   help="null-text (default): exact under guidance; fixed-point: exact without guidance; "
+                        "ddim: fast, approximate (bench/results/inversion.md)")
+    i.add_argument("--pipeline", help=f"pipeline folder (default: {DEFAULT_PIPELINE})")
+    i.add_argument("--steps", type=STEPS, help="the sampler's steps the inversion is for (default: the pipeline's)")
+    i.add_argument("--guidance", type=GUIDANCE, help="the guidance scale it is for (default: the pipeline's)")
+    i.add_argument("--guidance-interval", type=INTERVAL, metavar="A:B",
+                   help="the fraction of the steps guided (default: the pipeline's)")
+    i.add_argument("--scheduler", help="the sampler (inversion supports ddim)")
+    i.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
+    i.add_argument("--overwrite", action="store_true", help="replace OUT even if it is not an inversion folder")
+    i.add_argument("-o", "--out", required=True, help="folder for inversion.safetensors/.json, input.png and "
+                   "reconstruction.png")
+    i.set_defaults(func=cmd_invert)
 
     v = sub.add_parser("eval", help="score a pipeline: accuracy, guidance curve, heatmap IoU, edit metrics")
     v.add_argument("pipeline", nargs="?", help=f"pipeline folder (default: {DEFAULT_PIPELINE})")

@@ -86,26 +86,33 @@ class EditResult:
 def edit(pipe, source: str, target: str, *, cross_replace=StepRange.fraction(0, 0.8),
          self_replace=StepRange.fraction(0, 0.4), feature_replace=StepRange.fraction(0, 0),
          feature_layers=FEATURE_LAYERS, local_blend: list[str] | None = None, blend_threshold: float = 0.3,
-         seed: int = 0, callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None,
-         **kwargs) -> EditResult:
+         seed: int = 0, inversion=None, callback_on_step_end=None,
+         callback_on_step_end_tensor_inputs: list[str] | None = None, **kwargs) -> EditResult:
     """Prompt-to-prompt: the source image and the edited one from the same noise, the edit keeping the layout.
 
     Weight syntax in `target` on words shared with `source` reweights them (prompt-to-prompt's reweight edit).
     `feature_replace` (e.g. StepRange.fraction(0, 0.8)) also gives the edit the source's decoder features
     (`PromptToPrompt`): for attribute edits such as a color, which then keep the object's shape and position.
     `local_blend`: words whose region alone may change (`LocalBlend`); the result carries its mask.
+    `inversion` (an `inversion.Inversion` of `source`): edit that image instead of one drawn from `seed`.
     """
     if has_weights(source):
         raise ValueError(f"the source prompt {source!r} has weight syntax; put weights in the target prompt")
     src, tgt = TokenizedPrompt.of(pipe.tokenizer, source), TokenizedPrompt.of(pipe.tokenizer, target)
     generator = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)]
+    null_text = None
+    if inversion is not None:
+        if source != inversion.prompt:
+            raise ValueError(f"the source prompt {source!r} is not the inversion's {inversion.prompt!r}; the "
+                             "inversion draws its image for its own prompt")
+        kwargs, null_text = inversion.apply(pipe, kwargs, batch=2)
     with ExitStack() as stack:
         p2p = stack.enter_context(PromptToPrompt(pipe, src, tgt, cross_replace=cross_replace,
                                                  self_replace=self_replace, feature_replace=feature_replace,
                                                  feature_layers=feature_layers, weights=tgt.word_weights()))
         blend = stack.enter_context(LocalBlend(pipe, [src, tgt], local_blend, threshold=blend_threshold)
                                     ) if local_blend else None
-        callbacks = StepCallbacks([(blend.callback if blend else None, ["latents"]),
+        callbacks = StepCallbacks([(null_text, None), (blend.callback if blend else None, ["latents"]),
                                    (callback_on_step_end, callback_on_step_end_tensor_inputs)])
         images = pipe(p2p.prompts, generator=generator, **callbacks.kwargs(), **kwargs).images
     return EditResult(images[0], images[1], _image_mask(pipe, blend))

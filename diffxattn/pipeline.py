@@ -240,6 +240,7 @@ class DiffXAttnPipeline(DiffusionPipeline):
         guidance_interval: tuple[float, float] | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         prompt_embeds: torch.Tensor | None = None,
@@ -256,6 +257,7 @@ class DiffXAttnPipeline(DiffusionPipeline):
         holds `callback_on_step_end_tensor_inputs` (default ["latents"]; also "prompt_embeds" and
         "prompt_attention_mask", negative rows first under guidance) and the tensors it returns replace them.
         `generator` may be a list with one generator per image, so an image's bits do not depend on its batch.
+        `latents` (B, C, H, W), as in diffusers: the starting noise instead of drawing it (an inversion's).
         `guidance_rescale` (0..1) rescales the guided prediction towards the conditional one's standard deviation
         (Lin et al. 2023); `guidance_interval=(a, b)` applies guidance only in that fraction of the steps (the
         conditional prediction alone elsewhere, at half the cost; Kynkäänniemi et al. 2024). `None` means the
@@ -292,7 +294,13 @@ class DiffXAttnPipeline(DiffusionPipeline):
 
         batch = len(prompts) * num_images_per_prompt
         shape = (batch, self.unet.config.in_channels, height, width)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {shape} "
+                             "(images, channels, height, width)")
+        else:
+            latents = latents.to(device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         self._num_timesteps = len(self.scheduler.timesteps)

@@ -37,6 +37,48 @@ EDITS = [  # (source, target, edit options)
 ]
 REWEIGHT = ("a (red:{w}) circle at the left", (0.25, 0.5, 1.0, 1.5, 2.0, 3.0))
 HEATMAP_PROMPT = "a red circle left of a blue square"
+# inverted and edited: renders of never-seen scenes of the shapes data, and one image drawn here by hand
+INVERSION_SCENES = (0, 2, 5)  # scenes of the shapes generator with seed 90210 (bench/bench_inversion.py's renders)
+HAND_DRAWN = ("a green triangle at the right", "a blue triangle at the right")
+
+
+def hand_drawn(size: int = 32) -> Image.Image:
+    """A lopsided green triangle drawn with PIL, not by the data generator (its shapes are exact and centred)."""
+    image = Image.new("RGB", (size, size), "black")
+    s = size / 32
+    ImageDraw.Draw(image).polygon([(19 * s, 22 * s), (29 * s, 24 * s), (25 * s, 9 * s)], fill=(40, 190, 60))
+    return image
+
+
+def inversion_examples(pipe) -> list[tuple[str, Image.Image, str]]:
+    """(prompt, image, edited prompt): renders of never-seen scenes with their first color swapped, and the
+    hand-drawn triangle."""
+    from .data.captions import COLORS
+    from .data.shapes import ShapesConfig, render, sample_scene
+
+    examples = []
+    for k in INVERSION_SCENES:
+        scene = sample_scene(ShapesConfig(seed=90210, size=pipe.unet.config.sample_size), k)
+        words = scene.caption.split()
+        i = next(i for i, w in enumerate(words) if w in COLORS)
+        new = next(c for c in COLORS if c not in {o.color for o in scene.objects})
+        examples.append((scene.caption, Image.fromarray(render(scene)[0]), " ".join(words[:i] + [new] + words[i + 1:])))
+    return examples + [(HAND_DRAWN[0], hand_drawn(pipe.unet.config.sample_size), HAND_DRAWN[1])]
+
+
+def inversion_grid(pipe) -> Image.Image:
+    """Per example: the input, the pipeline's image from its inversion, and the color edit of that image."""
+    from .data.captions import SHAPES
+    from .inversion import invert, reconstruct
+
+    cells = []
+    for prompt, image, target in inversion_examples(pipe):
+        inv = invert(pipe, image, prompt)
+        shape = next(w for w in prompt.split() if w in SHAPES)
+        edited = edit(pipe, prompt, target, inversion=inv, local_blend=[shape], **FEATURES).edited
+        cells += [(f"input: {prompt}", image), ("inverted, drawn again", reconstruct(pipe, inv).images[0]),
+                  (f"edit: {target}", edited)]
+    return labelled_grid(cells, columns=3)
 
 
 def line_chart(points: dict[str, list[tuple[float, float]]], title: str, xlabel: str, size=(640, 360)) -> Image.Image:
@@ -136,6 +178,9 @@ def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | No
         cells += [(f"source: {source}", src), (f"{how}: {target}", tgt)]
     save_image(labelled_grid(cells, columns=4), out / "edits.png")
     written.append(out / "edits.png")
+
+    save_image(inversion_grid(pipe), out / "inversion.png")
+    written.append(out / "inversion.png")
 
     template, weights = REWEIGHT
     strip = [(f"{mode}: {template.format(w=w)}",

@@ -49,7 +49,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         path, captions = self.entries[index]
         choice = np.random.default_rng([self.caption_seed, index]).integers(len(captions))
-        image = self._crop(_resize_shorter(_load_rgb(path), self.size))
+        image = self._crop(_resize_shorter(load_rgb(path), self.size))
         if self.random_flip and torch.rand(()) < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = np.asarray(image, np.float32).transpose(2, 0, 1) / 127.5 - 1  # (3, size, size)
@@ -116,17 +116,17 @@ class ImageRangeError(ValueError):
     """A 16-bit or float image with values outside its mode's range."""
 
 
-def _load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
-            return _to_rgb(image, path)
+            return to_rgb(image, path)
     except ImageRangeError:
         raise
     except Exception as err:  # the file is user data: any failure of the decoder is the file's
         raise ValueError(f"{path}: cannot be decoded as an image ({type(err).__name__}: {err})") from None
 
 
-def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
+def to_rgb(image: Image.Image, path: Path) -> Image.Image:
     """8-bit RGB; 16-bit and float grayscale scaled from their full range (not clipped)."""
     if image.mode not in HIGH_DEPTH:
         return image.convert("RGB")
