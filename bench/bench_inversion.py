@@ -57,15 +57,13 @@ def to_uint8(images) -> np.ndarray:
 
 
 def color_swap_target(scene) -> tuple[str, str, int]:
-    """(target prompt, new color, index of the edited object): the first object's color word swapped."""
-    from diffxattn.data.captions import COLORS
+    """(target prompt, new color, index of the edited object): the first object's color swapped for the next
+    color that makes a training pair with its shape (`eval.prompts.color_swap`)."""
+    from diffxattn.eval.prompts import color_swap, first_object
 
-    words = scene.caption.split()
-    k = next(i for i, w in enumerate(words) if w in COLORS)
-    obj = scene.word_objects[k]
-    used = {o.color for o in scene.objects}
-    new = next(c for c in COLORS if c not in used)
-    return " ".join(words[:k] + [new] + words[k + 1:]), new, obj
+    target = color_swap(scene.caption)
+    i, _, _ = first_object(scene.caption)
+    return target, target.split()[i], scene.word_objects[i]
 
 
 def edit_scores(edited: np.ndarray, render: np.ndarray, mask: np.ndarray, new_color: str, shape: str) -> dict:

@@ -53,16 +53,13 @@ def hand_drawn(size: int = 32) -> Image.Image:
 def inversion_examples(pipe) -> list[tuple[str, Image.Image, str]]:
     """(prompt, image, edited prompt): renders of never-seen scenes with their first color swapped, and the
     hand-drawn triangle."""
-    from .data.captions import COLORS
     from .data.shapes import ShapesConfig, render, sample_scene
+    from .eval.prompts import color_swap
 
     examples = []
     for k in INVERSION_SCENES:
         scene = sample_scene(ShapesConfig(seed=90210, size=pipe.unet.config.sample_size), k)
-        words = scene.caption.split()
-        i = next(i for i, w in enumerate(words) if w in COLORS)
-        new = next(c for c in COLORS if c not in {o.color for o in scene.objects})
-        examples.append((scene.caption, Image.fromarray(render(scene)[0]), " ".join(words[:i] + [new] + words[i + 1:])))
+        examples.append((scene.caption, Image.fromarray(render(scene)[0]), color_swap(scene.caption)))
     return examples + [(HAND_DRAWN[0], hand_drawn(pipe.unet.config.sample_size), HAND_DRAWN[1])]
 
 

@@ -88,7 +88,8 @@ def first_object(prompt: str) -> tuple[int, str, str]:
 
 def color_swap(prompt: str, *, holdout=None) -> str:
     """The prompt with its (first) object's color replaced by the next color, in palette order,
-    that makes a training pair with its shape: "a red circle at the left" -> "an orange circle ..."."""
+    that makes a training pair with its shape and is not another object's color: "a red circle at the left"
+    -> "an orange circle ..."."""
     return _swap(prompt, "color", holdout)
 
 
@@ -103,7 +104,8 @@ def _swap(prompt: str, attribute: str, holdout) -> str:
     words = prompt.split()
     i, color, shape = first_object(prompt)
     if attribute == "color":
-        index, names, pair = i, list(COLORS), lambda c: (c, shape)
+        used = set(words) & set(COLORS)  # another object's color would make the prompt name two of it
+        index, names, pair = i, [c for c in COLORS if c == color or c not in used], lambda c: (c, shape)
     else:
         index, names, pair = words.index(shape, i), list(SHAPES), lambda s: (color, s)
     start = names.index(words[index])
