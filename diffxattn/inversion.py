@@ -362,13 +362,15 @@ def _solve(step: _Step, x_prev: torch.Tensor, predict: Callable[[torch.Tensor], 
 
 def invert(pipe, image: Image.Image, prompt: str, *, method: str = "null-text", steps: int | None = None,
            guidance: float | None = None, guidance_interval: tuple[float, float] | None = None,
-           iterations: int = 10, tolerance: float = 1e-4, inner_steps: int = 10, learning_rate: float = 1e-2, stop: float = 1e-5,
+           iterations: int = 10, tolerance: float = 1e-4, inner_steps: int = 10, learning_rate: float = 1e-2,
+           stop: float = 1e-5,
            callback: Callable[[int, int], None] | None = None) -> Inversion:
     """Invert `image` (PIL; other modes and sizes are converted with a warning) for `prompt` with `method`.
 
     steps / guidance / guidance_interval: the sampling settings the inversion is for (default: the pipeline's).
     iterations, tolerance: fixed-point iterations per step and the change (max abs) that ends them.
-    inner_steps, learning_rate: Adam steps per guided step and its rate, for null-text.
+    inner_steps, learning_rate, stop: null-text's Adam steps per guided step at most, its rate, and the loss (MSE
+    over the target's mean square, so latents of any scale are alike) below which a step needs none.
     callback(done, total): progress, after each step of each pass.
     """
     import time
@@ -425,7 +427,8 @@ def invert(pipe, image: Image.Image, prompt: str, *, method: str = "null-text", 
 def _null_text(model: _Model, ddim_steps: list[_Step], guided: list[bool], guidance: float, pivot: list,
                inner_steps: int, learning_rate: float, stop: float, tick) -> torch.Tensor:
     """Per step, the unconditional embedding with which the guided step from the current latent lands on the
-    pivot's next latent (Adam on the MSE; early stop as in the paper). Steps without guidance keep ""'s."""
+    pivot's next latent (Adam on the MSE relative to the target's mean square, stopping below `stop`). Steps
+    without guidance keep ""'s."""
     steps = len(ddim_steps)
     x = pivot[-1]
     null = model.cond.detach().clone()  # the prompt's: the guided step is the unguided one, on the pivot
@@ -436,21 +439,25 @@ def _null_text(model: _Model, ddim_steps: list[_Step], guided: list[bool], guida
     try:
         for i, step in enumerate(ddim_steps):
             target = pivot[steps - 1 - i]
+            scale = target.pow(2).mean().clamp_min(1e-12)
             if guided[i]:
                 with torch.no_grad():
                     m_c = model(x, step.t, model.cond, model.cond_mask)
                 null = null.detach().requires_grad_(True)
                 optimizer = torch.optim.Adam([null], lr=learning_rate * (1 - i / (2 * steps)))
+                best, best_loss = null.detach().clone(), math.inf  # Adam's steps may overshoot: keep the best
                 for _ in range(inner_steps):
                     with torch.enable_grad():
                         m_u = model(x, step.t, null, model.cond_mask)
-                        loss = F.mse_loss(step.forward(x, m_u + guidance * (m_c - m_u)), target)
-                        if loss.item() < stop:  # checked first: Adam's first step moves every entry by lr
+                        loss = F.mse_loss(step.forward(x, m_u + guidance * (m_c - m_u)), target) / scale
+                        if loss.item() < best_loss:
+                            best, best_loss = null.detach().clone(), loss.item()
+                        if loss.item() < stop:
                             break
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                     optimizer.step()
-                null = null.detach()
+                null = best
             with torch.no_grad():
                 nulls.append(null[0] if guided[i] else model.null[0])
                 x = step.forward(x, model.guided(x, step.t, guidance if guided[i] else 1.0, null,
