@@ -18,7 +18,8 @@ def test_samples_command_writes_every_picture_the_readme_shows(tiny_pipe, tmp_pa
                                            "guidance": {"1": {"two": 0.4}, "3": {"two": 0.5 + 0.1 * k}}}))
     written = make_samples(tiny_pipe, tmp_path / "samples", curve=curve, screenshot=False, guidance_reports=reports)
     names = {p.relative_to(tmp_path / "samples").as_posix() for p in written}
-    assert names == {"gallery.png", "heatmaps/grid.png", "edits.png", "reweight.png", "accuracy.png", "guidance.png"}
+    assert names == {"gallery.png", "heatmaps/grid.png", "edits.png", "reweight.png", "accuracy.png", "guidance.png",
+                     "inversion.png"}
     assert (tmp_path / "samples" / "heatmaps" / "index.html").is_file()
     sizes = {n: Image.open(tmp_path / "samples" / n).size for n in names}
     cell = 128
@@ -27,6 +28,7 @@ def test_samples_command_writes_every_picture_the_readme_shows(tiny_pipe, tmp_pa
     assert sizes["gallery.png"][1] > rows(len(GALLERY), 6) * cell
     assert sizes["edits.png"][1] > rows(2 * len(EDITS), 4) * cell  # source + edit per pair
     assert sizes["reweight.png"][0] == len(REWEIGHT[1]) * cell
+    assert sizes["inversion.png"][0] == 3 * cell  # input, drawn again from its inversion, edited
     assert sizes["reweight.png"][1] > 2 * cell  # two rows: attention mode, then embedding mode
     chart = np.asarray(Image.open(tmp_path / "samples" / "accuracy.png").convert("RGB"))
     assert chart.shape == (360, 640, 3)
