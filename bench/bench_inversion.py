@@ -99,6 +99,7 @@ def main(argv=None) -> dict:
     import torch
 
     from diffxattn.cli import load_pipeline
+    from diffxattn.control import StepRange
     from diffxattn.generation import edit
     from diffxattn.inversion import METHODS, invert, psnr, reconstruct
 
@@ -132,7 +133,7 @@ def main(argv=None) -> dict:
         target, new_color, obj = color_swap_target(scene)
         shape = scene.objects[obj].shape
         result = edit(pipe, scene.caption, target, inversion=inv, local_blend=[shape],
-                      feature_replace=_fraction(0.8), output_type="np")
+                      feature_replace=StepRange.fraction(0, 0.8), output_type="np")
         rows.append(edit_scores(to_uint8(result.edited), image, masks[obj], new_color, shape))
     edits = {"n": len(rows), "method": METHODS[0], "guidance": default_guidance,
              **{k: statistics.fmean(float(r[k]) for r in rows)
@@ -163,12 +164,6 @@ def main(argv=None) -> dict:
                              f"{edits['max_outside_change'] * 255:.2f}/255"]]))
     write_results(args.out, NAME, data, md)
     return data
-
-
-def _fraction(end: float):
-    from diffxattn.control import StepRange
-
-    return StepRange.fraction(0, end)
 
 
 if __name__ == "__main__":

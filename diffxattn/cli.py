@@ -138,8 +138,8 @@ def cmd_edit(args) -> None:
     from .heatmaps import export
     from .images import labelled_grid
 
+    inversion, args.source = source_inversion(args, args.source, "source prompt")
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
-    inversion, args.source = source_inversion(pipe, args, args.source, "source prompt")
     size = pipe.unet.config.sample_size
     check_scale(2 * size, size, args.scale)  # the source and the edit side by side
     cross = {"default": StepRange.parse(args.cross_replace)}
@@ -153,7 +153,8 @@ def cmd_edit(args) -> None:
                               feature_replace=StepRange.parse(args.feature_replace),
                               feature_layers=args.feature_layers or FEATURE_LAYERS,
                               local_blend=args.local_blend, blend_threshold=args.blend_threshold, seed=args.seed,
-                              inversion=inversion, num_inference_steps=args.steps, guidance_scale=args.guidance, **guidance_options(args))
+                              inversion=inversion, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                              **guidance_options(args))
     pair = labelled_grid([("", source), ("", edited)], columns=2, cell=source.width)
     save_image(pair, Path(args.out), args.scale)
     if store:
@@ -167,10 +168,9 @@ def cmd_heatmap(args) -> None:
     from .heatmaps import export
     from .prompts import clean_text
 
-    if args.prompt is not None:
-        clean_text(args.prompt)  # the export reads the words with the weight syntax: a syntax error comes first
+    inversion, args.prompt = source_inversion(args, args.prompt, "prompt")
+    clean_text(args.prompt)  # the export reads the words with the weight syntax: a syntax error comes first
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
-    inversion, args.prompt = source_inversion(pipe, args, args.prompt, "prompt")
     kwargs = dict(num_inference_steps=args.num_steps, guidance_scale=args.guidance, generator=generators(args.seed, 1),
                   **guidance_options(args))
     with AttentionStore(pipe, resolutions=args.resolutions, layers=args.layers, blocks=args.blocks,
@@ -185,15 +185,16 @@ def cmd_heatmap(args) -> None:
     print(f"{args.out}: {len(meta['words'])} word maps ({', '.join(meta['words'])}); open {args.out}/index.html")
 
 
-def source_inversion(pipe, args, prompt: str | None, what: str):
-    """(the inversion of --inversion or None, the prompt): with an inversion the prompt is its own."""
+def source_inversion(args, prompt: str | None, what: str):
+    """(the inversion of --inversion or None, the prompt): with an inversion the prompt is its own. The
+    inversion is checked against `pipe` where it is used (`Inversion.apply`)."""
     if args.inversion is None:
         if prompt is None:
             raise ValueError(f"give the {what}, or --inversion DIR to work on an inverted image")
         return None, prompt
     from .inversion import Inversion
 
-    inversion = Inversion.load(args.inversion, pipe)
+    inversion = Inversion.load(args.inversion)
     if prompt is not None and prompt != inversion.prompt:
         raise ValueError(f"the {what} {prompt!r} is not the one {args.inversion} was inverted with "
                          f"({inversion.prompt!r}); leave it out to use that one")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -115,9 +116,9 @@ class Inversion:
             tensors = load_file(str(folder / "inversion.safetensors"))
         except Exception as e:  # the files are user data: whatever their readers raise is their fault
             raise InversionError(f"{folder}: cannot read the inversion ({type(e).__name__}: {e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise InversionError(f"{folder / 'inversion.json'}: format {meta.get('format') if isinstance(meta, dict) else None!r}"
-                                 f", expected {FORMAT}")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        if found != FORMAT:
+            raise InversionError(f"{folder / 'inversion.json'}: format {found!r}, expected {FORMAT}")
         try:
             inv = cls(latents=tensors["latents"], null_embeds=tensors.get("null_embeds"),
                       null_mask=tensors["null_mask"].bool() if "null_mask" in tensors else None,
@@ -164,7 +165,6 @@ class Inversion:
             raise InversionError("guidance rescale changes the guided prediction the inversion was solved for; "
                                  "leave it at 0 with an inversion")
         kwargs.pop("generator", None)  # the noise is the inversion's
-        kwargs.pop("latents", None)
         kwargs["latents"] = self.latents.repeat(batch, 1, 1, 1)
         kwargs.update(num_inference_steps=self.steps, guidance_scale=self.guidance)
         if masks_padding(pipe):  # ours: the interval it was made with; Stable Diffusion guides every step
@@ -373,8 +373,6 @@ def invert(pipe, image: Image.Image, prompt: str, *, method: str = "null-text", 
     over the target's mean square, so latents of any scale are alike) below which a step needs none.
     callback(done, total): progress, after each step of each pass.
     """
-    import time
-
     start = time.perf_counter()
     if method not in METHODS:
         raise InversionError(f"inversion method {method!r}; expected one of {', '.join(METHODS)}")
@@ -418,9 +416,9 @@ def invert(pipe, image: Image.Image, prompt: str, *, method: str = "null-text", 
     nulls = None
     if method == "null-text" and any(guided):
         nulls = _null_text(model, ddim_steps, guided, guidance, path, inner_steps, learning_rate, stop, tick)
-    return Inversion(latents=latents.cpu(), null_embeds=nulls, null_mask=model.cond_mask[0].cpu()
-                     if nulls is not None else None, prompt=prompt, method=method, steps=steps, guidance=float(guidance),
-                     guidance_interval=tuple(float(v) for v in guidance_interval), height=height, width=width,
+    null_mask = model.cond_mask[0].cpu() if nulls is not None else None
+    return Inversion(latents=latents.cpu(), null_embeds=nulls, null_mask=null_mask, prompt=prompt, method=method,
+                     steps=steps, guidance=float(guidance), guidance_interval=tuple(float(v) for v in guidance_interval), height=height, width=width,
                      fingerprint=fingerprint(pipe), seconds=time.perf_counter() - start)
 
 
