@@ -126,7 +126,7 @@ def cmd_generate(args) -> None:
     images = generate(pipe, args.prompt, weight_mode=args.weight_mode, negative_prompt=args.negative,
                       num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.n,
                       generator=generators(args.seed, args.n), height=args.height, width=args.width,
-                      **guidance_options(args)).images
+                      guide=attention_guide(args), **guidance_options(args)).images
     for image, path in zip(images, output_paths(args.out, args.n)):
         save_image(image, path, args.scale)
 
@@ -154,7 +154,7 @@ def cmd_edit(args) -> None:
                               feature_layers=args.feature_layers or FEATURE_LAYERS,
                               local_blend=args.local_blend, blend_threshold=args.blend_threshold, seed=args.seed,
                               inversion=inversion, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                              **guidance_options(args))
+                              guide=attention_guide(args), **guidance_options(args))
     pair = labelled_grid([("", source), ("", edited)], columns=2, cell=source.width)
     save_image(pair, Path(args.out), args.scale)
     if store:
@@ -165,18 +165,22 @@ def cmd_edit(args) -> None:
 
 def cmd_heatmap(args) -> None:
     from .control import AttentionStore, StepRange
+    from .generation import generate
     from .heatmaps import export
     from .prompts import clean_text
 
     inversion, args.prompt = source_inversion(args, args.prompt, "prompt")
     clean_text(args.prompt)  # the export reads the words with the weight syntax: a syntax error comes first
+    guide = attention_guide(args)
+    if guide and inversion is not None:
+        raise ValueError("attention guidance cannot be used with --inversion: it would move the inverted image")
     pipe = load_pipeline(args.pipeline, args.scheduler, args.strict)
     kwargs = dict(num_inference_steps=args.num_steps, guidance_scale=args.guidance, generator=generators(args.seed, 1),
                   **guidance_options(args))
     with AttentionStore(pipe, resolutions=args.resolutions, layers=args.layers, blocks=args.blocks,
                         steps=StepRange.parse(args.steps), per_layer=True) as store:
         if inversion is None:
-            image = pipe(args.prompt, **kwargs).images[0]
+            image = generate(pipe, args.prompt, guide=guide, **kwargs).images[0]
         else:
             from .inversion import reconstruct
 
@@ -300,11 +304,15 @@ def cmd_eval(args) -> None:
     from .atomic import write_text
     from .eval.run import evaluate, format_report
 
+    methods = args.guided or ()
+    guide = attention_guide(args, excite="auto" if "excite" in methods else None,
+                            bind="auto" if "bind" in methods else None)
     pipe = load_pipeline(args.pipeline, args.scheduler, scheduler_options=args.scheduler_option or [])
     report = evaluate(pipe, quick=args.quick, seeds=args.seeds, guidance_scales=args.guidance,
                       guidance_scale=args.main_guidance, **guidance_options(args),
                       steps=args.steps, sets=tuple(s.strip() for s in args.sets.split(",") if s.strip()),
                       heatmaps=not args.no_heatmaps, edits=not args.no_edits, edit_prompts=args.edit_prompts,
+                      guide=guide, boxes=args.boxes if "box" in methods else 0,
                       pipeline=args.pipeline or default_pipeline(), progress=sys.stderr.isatty())
     print(format_report(report))
     write_text(args.out, json.dumps(report, indent=2))
@@ -388,6 +396,46 @@ def guidance_options(args) -> dict:
     return {"guidance_rescale": args.guidance_rescale, "guidance_interval": args.guidance_interval}
 
 
+def add_attention_guide_options(p: argparse.ArgumentParser, words: bool = True) -> None:
+    """--excite, --bind, --box (with `words`) and the guide's settings, read by `attention_guide`."""
+    a = p.add_argument_group("attention-guided sampling (steer the latents by the words' cross-attention maps)")
+    if words:
+        a.add_argument("--excite", metavar="WORD,...", help="each word gets a strong peak in its attention map, so "
+                       "its object is drawn (Attend-and-Excite); words as heatmaps name them: circle, circle#2")
+        a.add_argument("--bind", nargs="?", const="auto", metavar="ATTRIBUTE=NOUN,...",
+                       help="each attribute word attends where its noun does, not on the other nouns (Divide & Bind); "
+                       "without a value: every color and size word to its shape (prompts in the shapes grammar)")
+        a.add_argument("--box", nargs="+", metavar="WORD=X0,Y0,X1,Y1",
+                       help="the word's attention stays inside the box, in fractions of the image (BoxDiff)")
+    a.add_argument("--guide-steps", metavar="A:B", help="the guided steps (default 0:0.5, the first half)")
+    a.add_argument("--guide-step-size", type=RATE, help="RMS change of the latents per gradient step (default 0.1)")
+    a.add_argument("--guide-iterations", type=COUNT, help="most gradient steps at a refinement step (default 5)")
+    a.add_argument("--bind-loss", choices=("jsd", "syngen"), help="jsd (Divide & Bind, default) or syngen (SynGen)")
+
+
+def attention_guide(args, excite=None, bind=None, boxes=None):
+    """The Guide the options ask for (the word options given here, for eval); false when it names no word."""
+    from .control.guided import parse_options
+
+    return parse_options(getattr(args, "excite", excite), getattr(args, "bind", bind), getattr(args, "box", boxes),
+                         steps=args.guide_steps, step_size=args.guide_step_size, iterations=args.guide_iterations,
+                         bind_loss=args.bind_loss)
+
+
+def guided_methods(text: str) -> tuple[str, ...]:
+    """--guided: comma-separated methods of excite, bind, box."""
+    methods = tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in methods if m not in GUIDED_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method {', '.join(map(repr, unknown or [text]))}; expected comma-separated "
+                         f"methods of {', '.join(GUIDED_METHODS)}")
+    return methods
+
+
+GUIDED_METHODS = ("excite", "bind", "box")
+GUIDED = arg_type(guided_methods)
+
+
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="diffxattn", description=__doc__.split("\n")[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -408,6 +456,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=COUNT)
     g.add_argument("--scale", type=COUNT, default=1, help="enlarge the saved PNG by this factor (nearest)")
     add_guidance_options(g)
+    add_attention_guide_options(g)
     g.add_argument("--weight-mode", default="attention", choices=("attention", "embedding", "embedding-a1111"),
                    help="how (word:1.5) / word++ weights act: on cross-attention or on token embeddings")
     g.add_argument("-o", "--out", default="out.png")
@@ -424,6 +473,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=GUIDANCE)
     e.add_argument("--scheduler")
     add_guidance_options(e)
+    add_attention_guide_options(e)
     e.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
     e.add_argument("--cross-replace", default="0.8", help="fraction of steps (0.8) or step range A:B")
     e.add_argument("--cross-replace-word", nargs="+", metavar="WORD=RANGE", help="per-word cross-replace, e.g. blue=0.3")
@@ -451,6 +501,7 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--guidance", type=GUIDANCE)
     h.add_argument("--scheduler")
     add_guidance_options(h)
+    add_attention_guide_options(h)
     h.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
     h.add_argument("--steps", default="0:1.0", help="steps to aggregate: START:END, step indices (0:10) or "
                    "fractions of the run (0.2:1.0)")
@@ -497,6 +548,11 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--sets", default="single,two,heldout", help="comma-separated prompt sets")
     v.add_argument("--no-heatmaps", action="store_true", help="skip heatmap IoU")
     v.add_argument("--no-edits", action="store_true", help="skip the edit metrics")
+    v.add_argument("--guided", type=GUIDED, metavar="METHOD,...",
+                   help="attention-guided sampling: excite (every shape word), bind (every color and size word to its "
+                   "shape), box (also score --boxes prompts drawn into random boxes); e.g. excite,bind")
+    v.add_argument("--boxes", type=COUNT, default=64, help="prompts of the box score (with --guided box; default 64)")
+    add_attention_guide_options(v, words=False)
     v.add_argument("--edit-prompts", type=COUNT, help="single-object prompts edited (the set's first N; default 8, quick 2)")
     v.set_defaults(func=cmd_eval)
 

@@ -3,6 +3,7 @@ and prompt-to-prompt edits.
 
     image = generate(pipe, "a (red:1.6) circle", weight_mode="attention").images[0]
     image = generate(pipe, "a [red:blue:0.5] circle").images[0]      # prompt editing over steps
+    image = generate(pipe, "a red circle left of a blue square", guide=Guide(bind="auto")).images[0]
     source, edited = edit(pipe, "a red circle at the left", "a blue circle at the left")
     result = edit(pipe, source, target, local_blend=["circle"])     # result.mask: where the edit shows
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from .callbacks import PromptSchedule, StepCallbacks
 from .conditioning import TokenizedPrompt, encode, masks_padding, weighted_embeddings
 from .control.edits import FEATURE_LAYERS, AttentionReweight, LocalBlend, PromptToPrompt
+from .control.guided import AttentionGuide, Guide
 from .control.steps import StepRange
 from .prompt_syntax import has_weights, parse_schedule
 
@@ -34,13 +36,14 @@ def _steps(pipe, steps: int | None) -> int:
 
 
 def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=StepRange.fraction(0, 1),
-             num_inference_steps: int | None = None, negative_prompt: str | None = None,
+             num_inference_steps: int | None = None, negative_prompt: str | None = None, guide: Guide | None = None,
              callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None, **kwargs):
     """Generate with Automatic1111/compel weight syntax and `[from:to:when]` prompt editing over steps.
 
     weight_mode "attention" scales the weighted tokens' cross-attention probabilities (in the steps
     `weight_steps`, a `StepRange`); "embedding" scales token embeddings towards/away from the empty prompt
-    (compel), "embedding-a1111" scales them and restores their mean. Returns the pipeline output.
+    (compel), "embedding-a1111" scales them and restores their mean. `guide`: attention-guided sampling
+    (`control.guided`), its words those of the (first) prompt. Returns the pipeline output.
     """
     if weight_mode not in WEIGHT_MODES:
         raise ValueError(f"weight mode {weight_mode!r}; expected one of {WEIGHT_MODES}")
@@ -55,10 +58,11 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
         embeds, mask = weighted_embeddings(pipe, tokens, "compel" if weight_mode == "embedding" else "a1111")
         weights = torch.ones(1)
     schedule_callback = PromptSchedule(pipe, embeds, mask, prompt_of_step) if len(tokens) > 1 else None
-    callbacks = StepCallbacks([(schedule_callback, None),
-                               (callback_on_step_end, callback_on_step_end_tensor_inputs)])
     text = {"prompt_embeds": embeds[:1], **({"prompt_attention_mask": mask[:1]} if masks_padding(pipe) else {})}
     with ExitStack() as stack:
+        guided = _guided(stack, pipe, guide, [tokens[0]])
+        callbacks = StepCallbacks([(schedule_callback, None), guided,
+                                   (callback_on_step_end, callback_on_step_end_tensor_inputs)])
         if (weights != 1).any():
             stack.enter_context(AttentionReweight(pipe, lambda s: weights[prompt_of_step[min(s, steps - 1)]][None],
                                                   steps=weight_steps))
@@ -86,7 +90,7 @@ class EditResult:
 def edit(pipe, source: str, target: str, *, cross_replace=StepRange.fraction(0, 0.8),
          self_replace=StepRange.fraction(0, 0.4), feature_replace=StepRange.fraction(0, 0),
          feature_layers=FEATURE_LAYERS, local_blend: list[str] | None = None, blend_threshold: float = 0.3,
-         seed: int = 0, inversion=None, callback_on_step_end=None,
+         seed: int = 0, inversion=None, guide: Guide | None = None, callback_on_step_end=None,
          callback_on_step_end_tensor_inputs: list[str] | None = None, **kwargs) -> EditResult:
     """Prompt-to-prompt: the source image and the edited one from the same noise, the edit keeping the layout.
 
@@ -95,6 +99,8 @@ def edit(pipe, source: str, target: str, *, cross_replace=StepRange.fraction(0, 
     (`PromptToPrompt`): for attribute edits such as a color, which then keep the object's shape and position.
     `local_blend`: words whose region alone may change (`LocalBlend`); the result carries its mask.
     `inversion` (an `inversion.Inversion` of `source`): edit that image instead of one drawn from `seed`.
+    `guide`: attention-guided sampling (`control.guided`) on the source prompt's words; the source's latent update
+    applies to the edit too, so both keep one layout.
     """
     if has_weights(source):
         raise ValueError(f"the source prompt {source!r} has weight syntax; put weights in the target prompt")
@@ -105,17 +111,31 @@ def edit(pipe, source: str, target: str, *, cross_replace=StepRange.fraction(0, 
         if source != inversion.prompt:
             raise ValueError(f"the source prompt {source!r} is not the inversion's {inversion.prompt!r}; the "
                              "inversion draws its image for its own prompt")
+        if guide:
+            raise ValueError("attention guidance cannot edit an inverted image: it would move the image away from "
+                             "the inversion; leave out --excite/--bind/--box or --inversion")
         kwargs, null_text = inversion.apply(pipe, kwargs, batch=2)
     with ExitStack() as stack:
+        guided = _guided(stack, pipe, guide, [src], shared=True)
         p2p = stack.enter_context(PromptToPrompt(pipe, src, tgt, cross_replace=cross_replace,
                                                  self_replace=self_replace, feature_replace=feature_replace,
                                                  feature_layers=feature_layers, weights=tgt.word_weights()))
         blend = stack.enter_context(LocalBlend(pipe, [src, tgt], local_blend, threshold=blend_threshold)
                                     ) if local_blend else None
-        callbacks = StepCallbacks([(null_text, None), (blend.callback if blend else None, ["latents"]),
+        callbacks = StepCallbacks([(null_text, None), guided, (blend.callback if blend else None, ["latents"]),
                                    (callback_on_step_end, callback_on_step_end_tensor_inputs)])
         images = pipe(p2p.prompts, generator=generator, **callbacks.kwargs(), **kwargs).images
     return EditResult(images[0], images[1], _image_mask(pipe, blend))
+
+
+def _guided(stack: ExitStack, pipe, guide: Guide | None, prompts, shared: bool = False):
+    """Install `guide` (if any) in `stack`, its words checked against `prompts` now: its step callback and the
+    tensors that reads, as `StepCallbacks` takes them."""
+    if not guide:
+        return None, None
+    guided = stack.enter_context(AttentionGuide(pipe, guide, shared=shared))
+    guided.check(prompts)
+    return guided.callback, guided.tensor_inputs
 
 
 def _image_mask(pipe, blend: LocalBlend | None) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ see the edited probabilities).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -115,10 +116,11 @@ class ControlledProcessor:
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         out = self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                             attention_mask=attention_mask, **kwargs)
-        if not self.controllers:
+        controllers = [self.hooks.exclusive] if self.hooks.exclusive else self.controllers
+        if not controllers:
             return out
         call = self.hooks.call(self.name, attn, hidden_states)
-        active = [c for c in self.controllers if c.wants(call)]
+        active = [c for c in controllers if c.wants(call)]
         if not active:
             return out
         inputs = attention_inputs(attn, hidden_states, encoder_hidden_states, attention_mask)
@@ -167,6 +169,7 @@ class PipelineHooks:
     def __init__(self, pipe):
         self.pipe, self.unet = pipe, pipe.unet
         self.controllers: list[Controller] = []
+        self.exclusive: Controller | None = None  # set by `alone`: the one controller a UNet call reaches
         self.clock = StepClock(pipe.scheduler, self._run_started, self._step_ended)
         self.shape = UNetCallShape(pipe)
         self.prompts: list[str] | None = None  # encoded since the last run started
@@ -213,7 +216,7 @@ class PipelineHooks:
         return AttnCall(layer=name, block=block_of(name), cross=attn.is_cross_attention, height=lh // factor,
                         width=lw // factor, step=step,
                         num_steps=self.clock.num_steps, heads=attn.heads, batch=batch,
-                        cond_start=batch // 2 if self.shape.cfg else 0, latent=(lh, lw))
+                        cond_start=batch // 2 if self.shape.cfg and not self.exclusive else 0, latent=(lh, lw))
 
     def restore(self) -> None:
         self.hook.remove()
@@ -255,6 +258,18 @@ def step_clock(pipe) -> StepClock:
     """The run and step counter of `pipe`, for a controller that also hooks other modules (e.g. ResBlocks);
     valid from the controller's `begin` until its `end`."""
     return _INSTALLED[id(pipe.unet)].clock
+
+
+@contextlib.contextmanager
+def alone(pipe, controller: Controller):
+    """UNet calls inside reach `controller` alone, and all their rows are conditional: for a controller's own extra
+    UNet calls (attention guidance's gradient pass), which other controllers (a store, an edit) must not see."""
+    hooks = _INSTALLED[id(pipe.unet)]
+    hooks.exclusive = controller
+    try:
+        yield
+    finally:
+        hooks.exclusive = None
 
 
 class ControllerContext(Controller):

@@ -1,0 +1,442 @@
+"""Attention-guided sampling: steer the latents by a loss on the cross-attention maps, at chosen steps.
+
+Attend-and-Excite (Chefer et al. 2023), Divide & Bind (Li et al. 2023), SynGen (Rassin et al. 2023) and BoxDiff
+(Xie et al. 2023) share one loop, which this module runs on any pipeline the control layer covers (XAttnUNet and
+diffusers' UNet2DConditionModel): before the UNet predicts step s, the latents x_s take gradient steps
+
+    x_s <- x_s - step_size * sqrt(1 - s / (2 n)) * grad L(maps(x_s)) / rms(grad L)
+
+where `maps` are the conditional prompt's cross-attention probabilities at one resolution (16x16 when the UNet has
+it, as Attend-and-Excite), averaged over heads and layers, and L the sum of the objectives. The gradient is
+normalized per image, so `step_size` is the RMS change of the latents per gradient step, whatever the loss's scale
+(Attend-and-Excite's raw gradient needs a step size tuned to each model and loss):
+
+    excite  every named word gets a strong peak in its map (Attend-and-Excite: 1 - max of the smoothed map)
+    bind    an attribute's map lies on its noun's and off the other nouns' (Divide & Bind: JS divergence;
+            SynGen: symmetric KL to its noun minus symmetric KL to the other objects' words)
+    box     a word's attention stays inside its box (BoxDiff: inner, outer and corner constraints)
+
+At the `refine` steps the step repeats (up to `iterations` times) until the loss is under that step's target
+(Attend-and-Excite's iterative refinement). Words are addressed as heatmaps address them: "circle", "circle#2".
+
+    guide = Guide(excite=("circle", "square"), bind="auto")
+    with AttentionGuide(pipe, guide) as g:
+        image = pipe("a red circle left of a blue square", **g.kwargs()).images[0]
+
+The gradient path is separate from sampling: each guided step makes one extra UNet call on the conditional rows
+with autograd on, which only this controller sees (`processor.alone`); sampling itself, and every other controller,
+run as without guidance. The guidance starts at step 1 at the earliest: it acts through the step callback that ends
+the previous step, and step 0's input is the noise itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..conditioning import TokenizedPrompt, masks_padding
+from .processor import AttnCall, ControllerContext, alone
+from .steps import SamplingRun, StepRange
+from .store import word_keys
+
+BIND_LOSSES = ("jsd", "syngen")
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), fractions of the image, x right and y down
+
+
+@dataclass(frozen=True)
+class Guide:
+    """What to steer and how. `bind="auto"`: every size and color word bound to its shape, for prompts in the
+    shapes scenes' grammar; `excite="auto"`: every shape word of such a prompt. Words are heatmap keys."""
+
+    excite: tuple[str, ...] | str = ()
+    bind: tuple[tuple[str, str], ...] | str = ()  # (attribute, noun) pairs, or "auto"
+    boxes: tuple[tuple[str, Box], ...] = ()
+    steps: StepRange = StepRange.fraction(0, 0.5)
+    step_size: float = 0.1  # RMS change of the latents per gradient step (at step 0; decays to 0.71x)
+    refine: tuple[tuple[float, float], ...] = ((0.2, 0.5), (0.4, 0.8))  # (step fraction, target of 1 - loss)
+    iterations: int = 5  # most gradient steps at a refinement step
+    bind_loss: str = "jsd"
+    resolution: int | None = None  # map height to use; None: 16 if the UNet has it, else its largest
+    temperature: float | None = None  # `text_maps`: None shares, 0.01 is Attend-and-Excite's softmax
+    box_weight: float = 1.0
+    top_k: float = 0.2  # BoxDiff's P: the fraction of a region's cells whose mean is scored
+    blur: float = 0.0  # Gaussian sigma (latent pixels) the gradient is blurred with: 0 = not blurred
+
+    def __post_init__(self):
+        object.__setattr__(self, "steps", StepRange.of(self.steps))
+        if isinstance(self.excite, str) and self.excite != "auto":
+            raise ValueError(f"excite={self.excite!r}; expected words or 'auto'")
+        if isinstance(self.bind, str) and self.bind != "auto":
+            raise ValueError(f"bind={self.bind!r}; expected (attribute, noun) pairs or 'auto'")
+        if self.bind_loss not in BIND_LOSSES:
+            raise ValueError(f"bind loss {self.bind_loss!r}; expected one of {BIND_LOSSES}")
+        for word, box in self.boxes:
+            check_box(word, box)
+        for name in ("step_size", "top_k", "box_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r}; expected a positive number")
+        if not 0 < self.top_k <= 1:
+            raise ValueError(f"top_k={self.top_k!r}; expected a fraction in (0, 1]")
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ValueError(f"iterations={self.iterations!r}; expected a whole number >= 1")
+
+    def __bool__(self) -> bool:
+        return bool(self.excite or self.bind or self.boxes)
+
+
+def parse_options(excite: str | None = None, bind: str | None = None, boxes: list[str] | None = None,
+                  **settings) -> Guide:
+    """A Guide from command-line text: excite "WORD,...", bind "ADJ=NOUN,..." or "auto", boxes
+    ["WORD=x0,y0,x1,y1", ...]; `settings` (None values left out) go to Guide as they are. Without any word the
+    Guide is false: it guides nothing, but holds the settings (the box score of `eval` adds its boxes)."""
+    def words(text: str, what: str) -> list[str]:
+        items = [w.strip() for w in text.split(",")]
+        if not all(items):
+            raise ValueError(f"--{what} {text!r}: expected comma-separated words, e.g. circle,square")
+        return items
+
+    kwargs = {k: v for k, v in settings.items() if v is not None}
+    if excite is not None:
+        kwargs["excite"] = "auto" if excite == "auto" else tuple(words(excite, "excite"))
+    if bind is not None:
+        pairs = []
+        for item in ([] if bind == "auto" else words(bind, "bind")):
+            attribute, sep, noun = (w.strip() for w in item.partition("="))
+            if not (sep and attribute and noun):
+                raise ValueError(f"--bind {item!r}: expected ATTRIBUTE=NOUN, e.g. red=circle")
+            pairs.append((attribute, noun))
+        kwargs["bind"] = "auto" if bind == "auto" else tuple(pairs)
+    parsed = []
+    for item in boxes or []:
+        word, sep, numbers = item.partition("=")
+        if not (sep and word.strip()):
+            raise ValueError(f"--box {item!r}: expected WORD=x0,y0,x1,y1 (fractions of the image)")
+        try:
+            values = [float(v) for v in numbers.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 4:
+            raise ValueError(f"--box {item!r}: expected WORD=x0,y0,x1,y1, four numbers (fractions of the image)")
+        parsed.append((word.strip(), check_box(word.strip(), values)))
+    if parsed:
+        kwargs["boxes"] = tuple(parsed)
+    return Guide(**kwargs)
+
+
+def check_box(word: str, box) -> Box:
+    """A box (x0, y0, x1, y1) as fractions of the image: 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"box of {word!r} {box!r}: expected four numbers x0,y0,x1,y1") from None
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise ValueError(f"box of {word!r} {x0:g},{y0:g},{x1:g},{y1:g}: expected fractions of the image with "
+                         "0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+    return x0, y0, x1, y1
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses on maps: each takes word maps normalized as Attend-and-Excite does (`text_maps`)
+# ---------------------------------------------------------------------------------------------
+
+def text_maps(maps: torch.Tensor, eos: int, temperature: float | None = None) -> torch.Tensor:
+    """(S, h, w) token maps -> (S, h, w) with the text tokens 1..eos-1 renormalized per pixel; others 0.
+
+    temperature None: each word's share of the text tokens' attention. A number: the softmax of probability /
+    temperature, as Attend-and-Excite (0.01: Stable Diffusion's words get ~1% of the attention each, the start
+    token the rest; on a model whose words get 10-30%, as ours, that softmax is an argmax without gradient).
+    """
+    out = torch.zeros_like(maps)
+    text = maps[1:eos]
+    if temperature is None:
+        out[1:eos] = text / text.sum(0, keepdim=True).clamp_min(1e-8)
+    else:
+        out[1:eos] = torch.softmax(text / temperature, dim=0)
+    return out
+
+
+def smooth(m: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
+    """A 3x3 Gaussian blur of a (h, w) map (reflected edges), as Attend-and-Excite smooths before its max."""
+    x = torch.arange(3, dtype=m.dtype, device=m.device) - 1
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    kernel = (g[:, None] * g[None]) / (g.sum() ** 2)
+    padded = F.pad(m[None, None], (1, 1, 1, 1), mode="reflect")
+    return F.conv2d(padded, kernel[None, None])[0, 0]
+
+
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A separable Gaussian blur of (B, C, H, W) with standard deviation `sigma` pixels (reflected edges)."""
+    radius = max(1, min(int(3 * sigma + 0.5), min(x.shape[-2:]) - 1))
+    k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) ** 2) / (2 * sigma ** 2))
+    k = (k / k.sum()).repeat(x.shape[1], 1, 1, 1)  # (C, 1, 1, K): depthwise
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k, groups=x.shape[1])
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.transpose(2, 3), groups=x.shape[1])
+
+
+def excite_loss(word_maps: list[torch.Tensor]) -> torch.Tensor:
+    """Attend-and-Excite: the weakest word's 1 - (max of its smoothed map)."""
+    return torch.stack([1 - smooth(m).max() for m in word_maps]).max()
+
+
+def _distribution(m: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    m = m.flatten() + eps
+    return m / m.sum()
+
+
+def jsd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence of two maps as distributions over pixels, in [0, ln 2]."""
+    p, q = _distribution(a), _distribution(b)
+    mid = (p + q) / 2
+    return ((p * (p / mid).log()).sum() + (q * (q / mid).log()).sum()) / 2
+
+
+def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    p, q = _distribution(a), _distribution(b)
+    return ((p * (p / q).log()).sum() + (q * (q / p).log()).sum()) / 2
+
+
+def bind_loss(pairs: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]], kind: str = "jsd") -> torch.Tensor:
+    """pairs: (attribute map, its noun's map, the other objects' word maps).
+
+    "jsd" (Divide & Bind's binding term): mean JS divergence of attribute and noun, over ln 2, in [0, 1].
+    "syngen" (SynGen): symmetric KL of attribute and noun, minus the mean symmetric KL of the attribute and of
+    the noun to the other objects' words.
+    """
+    if kind == "jsd":
+        return torch.stack([jsd(a, n) for a, n, _ in pairs]).mean() / math.log(2)
+    if kind != "syngen":
+        raise ValueError(f"bind loss {kind!r}; expected one of {BIND_LOSSES}")
+    terms = []
+    for a, n, others in pairs:
+        negative = [symmetric_kl(x, o) for o in others for x in (a, n)]
+        terms.append(symmetric_kl(a, n) - (torch.stack(negative).mean() if negative else 0))
+    return torch.stack(terms).mean()
+
+
+def box_mask(box: Box, h: int, w: int, device=None) -> torch.Tensor:
+    """(h, w) bool: the map cells whose centers lie inside the box (at least one cell)."""
+    x0, y0, x1, y1 = box
+    ys = (torch.arange(h, device=device) + 0.5) / h
+    xs = (torch.arange(w, device=device) + 0.5) / w
+    inside = ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None]
+    if not inside.any():  # a box smaller than a cell: the cell holding its center
+        inside[min(int((y0 + y1) / 2 * h), h - 1), min(int((x0 + x1) / 2 * w), w - 1)] = True
+    return inside
+
+
+def _top_mean(values: torch.Tensor, fraction: float) -> torch.Tensor:
+    if values.numel() == 0:
+        return values.new_zeros(())
+    k = max(1, round(fraction * values.numel()))
+    return values.topk(k).values.mean()
+
+
+def box_loss(m: torch.Tensor, box: Box, top_k: float = 0.2) -> torch.Tensor:
+    """BoxDiff on one word's map (h, w), scaled to a peak of 1: inner (1 - mean of the top cells inside the box),
+    outer (mean of the top cells outside) and corner constraints (the map's row and column profiles match the
+    box's extent), each in [0, 1]; their mean."""
+    m = smooth(m)
+    m = m / m.max().clamp_min(1e-8)
+    inside = box_mask(box, *m.shape, device=m.device)
+    inner = 1 - _top_mean(m[inside], top_k)
+    outer = _top_mean(m[~inside], top_k)
+    corner = ((m.max(0).values - inside.any(0).to(m)).abs().mean()
+              + (m.max(1).values - inside.any(1).to(m)).abs().mean()) / 2
+    return (inner + outer + corner) / 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Which words each prompt's objectives name
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Plan:
+    """One prompt's objectives as token positions."""
+
+    eos: int
+    excite: list[list[int]] = field(default_factory=list)
+    bind: list[tuple[list[int], list[int], list[list[int]]]] = field(default_factory=list)
+    boxes: list[tuple[list[int], Box]] = field(default_factory=list)
+
+
+def _grammar(prompt: str):
+    from ..data.captions import parse_caption_words
+
+    try:
+        return parse_caption_words(prompt)
+    except ValueError as e:
+        raise ValueError(f"'auto' guidance needs a prompt in the shapes scenes' grammar ({e}); name the words "
+                         "instead") from None
+
+
+def plan(tokenizer, prompt: str | TokenizedPrompt, guide: Guide) -> _Plan:
+    """The token positions of each objective of `guide` in `prompt`; a word not in the prompt is a ValueError
+    naming it and the prompt's words."""
+    tokens = TokenizedPrompt.of(tokenizer, prompt)
+    keys = word_keys([w for w, _ in tokens.words])
+    positions = dict(zip(keys, (p for _, p in tokens.words)))
+
+    def at(word: str, what: str) -> list[int]:
+        if word not in positions:
+            raise ValueError(f"{what} word {word!r} is not in the prompt {tokens.clean!r}; its words: "
+                             f"{', '.join(keys)} (a repeated word is word#2, word#3, ...)")
+        return positions[word]
+
+    result = _Plan(eos=len(tokens.ids) - 1)
+    excite, bind = guide.excite, guide.bind
+    if "auto" in (excite, bind):
+        from ..data.captions import COLORS, SIZES
+
+        spec, owners = _grammar(tokens.clean)
+        words = [w for w, _ in tokens.words]
+        nouns = {o["shape"] for o in spec["objects"]}
+        shape_of = {i: k for k, (w, i) in enumerate(zip(words, owners)) if w in nouns and i >= 0}  # object -> word
+        if excite == "auto":
+            excite = tuple(keys[k] for k in shape_of.values())
+        if bind == "auto":
+            bind = tuple((keys[k], keys[shape_of[i]]) for k, (w, i) in enumerate(zip(words, owners))
+                         if (w in COLORS or w in SIZES) and i in shape_of)
+    result.excite = [at(w, "excite") for w in excite]
+    for attribute, noun in bind:
+        a, n = at(attribute, "bind"), at(noun, "bind")
+        others = [at(w, "bind") for pair in bind if noun not in pair for w in pair]
+        result.bind.append((a, n, list({tuple(o): o for o in others}.values())))
+    result.boxes = [(at(word, "box"), box) for word, box in guide.boxes]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The controller
+# ---------------------------------------------------------------------------------------------
+
+class AttentionGuide(ControllerContext):
+    """Installs `guide` on `pipe`: `kwargs()` are the pipeline call's step-callback arguments that apply it.
+
+    `shared=True` (prompt-to-prompt edits): the loss is computed on the first image's prompt and its latents'
+    change is applied to every image, so a source and its edit keep moving together.
+    `losses`: per guided step, the mean loss before its first update (what `bench` and tests read).
+    """
+
+    tensor_inputs = ["latents", "prompt_embeds"]
+
+    def __init__(self, pipe, guide: Guide, *, shared: bool = False):
+        super().__init__(pipe)
+        self.guide, self.shared = guide, shared
+        self.plans: list[_Plan] = []
+        self.checked = False
+        self.maps: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.losses: dict[int, float] = {}
+        self.tensor_inputs = self.tensor_inputs + (["prompt_attention_mask"] if masks_padding(pipe) else [])
+
+    def check(self, prompts: list[str | TokenizedPrompt]) -> None:
+        """Plan the prompts of the next runs now (before sampling), so a word missing from one is an error up front;
+        without it, each run plans the prompts the pipeline encodes (not when it is given embeddings)."""
+        self.plans = [plan(self.pipe.tokenizer, p, self.guide) for p in prompts[:1 if self.shared else None]]
+        self.checked = True
+
+    def on_run_start(self, run: SamplingRun) -> None:
+        if not self.checked and run.prompts is not None:
+            self.plans = [plan(self.pipe.tokenizer, p, self.guide) for p in run.prompts[:1 if self.shared else None]]
+        self.losses = {}
+
+    def wants(self, call: AttnCall) -> bool:  # only asked inside `alone`, during this guide's own UNet calls
+        return call.cross
+
+    def observe(self, call: AttnCall, probs: torch.Tensor) -> None:
+        b, heads, n, s = probs.shape
+        self.maps[call.height].append(probs.mean(1).transpose(1, 2).reshape(b, s, call.height, call.width))
+
+    def kwargs(self) -> dict:
+        return {"callback_on_step_end": self.callback, "callback_on_step_end_tensor_inputs": self.tensor_inputs}
+
+    # -- the guided step --
+    def callback(self, pipe, i: int, timestep, tensors: dict) -> dict:
+        order = getattr(pipe.scheduler, "order", 1)
+        step, n = (i + 1) // order, -(-len(pipe.scheduler.timesteps) // order)
+        if (i + 1) % order or step >= n or not self.guide.steps.contains(step, n) or not self.plans:
+            return {}
+        t = pipe.scheduler.timesteps[step * order]
+        latents = tensors["latents"]
+        embeds, mask = self._text(tensors, latents.shape[0])
+        target = dict(self.guide.refine).get(_nearest(step, n, self.guide.refine))
+        size = self.guide.step_size * math.sqrt(1 - step / (2 * n))
+        x = latents
+        for k in range(self.guide.iterations if target is not None else 1):
+            loss, grad = self._loss_and_grad(pipe, x, t, embeds, mask)
+            if k == 0:
+                self.losses[step] = float(loss.mean())
+            if target is not None:
+                todo = (loss > 1 - target).to(x.dtype)  # rows still above their target
+                if not todo.any():
+                    break
+                grad = grad * todo.view(-1, *[1] * (grad.ndim - 1))
+            if self.guide.blur > 0:
+                grad = blur(grad, self.guide.blur)
+            rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(-1, *[1] * (grad.ndim - 1))
+            x = x - size * (grad / rms).expand_as(x)
+        return {"latents": x.detach()}
+
+    def _text(self, tensors: dict, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conditional rows of the text input (negative rows come first under classifier-free guidance)."""
+        embeds = tensors["prompt_embeds"]
+        mask = tensors.get("prompt_attention_mask")
+        if embeds.shape[0] == 2 * batch:
+            embeds, mask = embeds[batch:], None if mask is None else mask[batch:]
+        if self.shared:
+            embeds, mask = embeds[:1], None if mask is None else mask[:1]
+        return embeds, mask
+
+    def _loss_and_grad(self, pipe, latents, t, embeds, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row losses (B,) and the gradient of their sum with respect to the (first, if shared) latents."""
+        x = (latents[:1] if self.shared else latents).detach().requires_grad_(True)
+        self.maps.clear()
+        kwargs = {"encoder_attention_mask": mask} if mask is not None else {}
+        with alone(pipe, self), torch.enable_grad():
+            pipe.unet(pipe.scheduler.scale_model_input(x, t), t, encoder_hidden_states=embeds, **kwargs)
+            maps = self._maps()
+            per_prompt = max(1, x.shape[0] // len(self.plans))  # rows: each prompt's images in turn
+            loss = torch.stack([self._row_loss(maps[r], self.plans[min(r // per_prompt, len(self.plans) - 1)])
+                                for r in range(x.shape[0])])
+            grad, = torch.autograd.grad(loss.sum(), x)
+        self.maps.clear()
+        return loss.detach(), grad
+
+    def _maps(self) -> torch.Tensor:
+        """(B, S, h, w): the chosen resolution's maps, mean over its layers."""
+        heights = sorted(self.maps)
+        if not heights:
+            raise RuntimeError("the UNet made no cross-attention call: attention guidance needs cross-attention")
+        wanted = self.guide.resolution or (16 if 16 in heights else heights[-1])
+        if wanted not in self.maps:
+            raise ValueError(f"resolution {wanted}: the UNet's cross-attention maps are {heights} high")
+        return torch.stack(self.maps[wanted]).mean(0)
+
+    def _row_loss(self, maps: torch.Tensor, p: _Plan) -> torch.Tensor:
+        text = text_maps(maps, p.eos, self.guide.temperature)
+
+        def word(positions: list[int]) -> torch.Tensor:
+            return text[positions].mean(0)
+
+        terms = []
+        if p.excite:
+            terms.append(excite_loss([word(w) for w in p.excite]))
+        if p.bind:
+            terms.append(bind_loss([(word(a), word(n), [word(o) for o in others]) for a, n, others in p.bind],
+                                   self.guide.bind_loss))
+        if p.boxes:
+            terms.append(self.guide.box_weight * torch.stack(
+                [box_loss(word(w), box, self.guide.top_k) for w, box in p.boxes]).mean())
+        return torch.stack(terms).sum() if terms else maps.sum() * 0
+
+
+def _nearest(step: int, n: int, refine) -> float | None:
+    """The refinement fraction whose step is `step` (each fraction f refines step round(f * n)), if any."""
+    for fraction, _ in refine:
+        if round(fraction * n) == step:
+            return fraction
+    return None

@@ -1,0 +1,236 @@
+"""Attention-guided sampling: the losses on hand-made maps, guided steps on both UNets, bit-identical without it,
+the command-line options and their errors, and the eval's guided and box scores."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffxattn.cli import main
+from diffxattn.control import AttentionStore, StepRange
+from diffxattn.control.guided import (AttentionGuide, Guide, bind_loss, box_loss, box_mask, excite_loss,
+                                      parse_options, plan, text_maps)
+from diffxattn.eval.metrics import box_iou
+from diffxattn.eval.prompts import box_prompts
+from diffxattn.eval.run import evaluate
+from diffxattn.generation import edit, generate
+from conftest import seeded
+
+KW = dict(output_type="np", guidance_scale=2.0)
+LEFT, RIGHT = (slice(None), slice(0, 8)), (slice(None), slice(8, 16))
+
+
+def blob(region, value: float = 1.0, size: int = 16) -> torch.Tensor:
+    m = torch.full((size, size), 0.01)
+    m[region] = value
+    return m
+
+
+# -- the losses, on maps made by hand --
+
+def test_excite_loss_is_lower_for_a_word_with_a_strong_peak():
+    peaked, flat = blob(LEFT), torch.full((16, 16), 0.2)
+    assert excite_loss([peaked]) < 0.05 < 0.75 < excite_loss([flat])
+    assert excite_loss([peaked, flat]) == excite_loss([flat])  # the weakest word decides
+
+
+@pytest.mark.parametrize("kind", ["jsd", "syngen"])
+def test_bind_loss_is_lower_when_the_attribute_lies_on_its_noun(kind):
+    circle, square = blob(LEFT), blob(RIGHT)
+    right = bind_loss([(blob(LEFT, 0.7), circle, [square])], kind)
+    wrong = bind_loss([(blob(RIGHT, 0.7), circle, [square])], kind)
+    assert right < wrong
+    if kind == "jsd":  # JS divergence over ln 2: 0 for the same distribution, near 1 for disjoint ones
+        assert right < 0.01 and wrong > 0.9
+
+
+def test_box_loss_is_lower_for_a_map_inside_its_box():
+    box = (0.0, 0.0, 0.5, 1.0)  # the left half
+    assert box_mask(box, 16, 16)[:, :8].all() and not box_mask(box, 16, 16)[:, 8:].any()
+    assert box_loss(blob(LEFT), box) < 0.05 < 0.6 < box_loss(blob(RIGHT), box)
+    assert box_mask((0.5, 0.5, 0.52, 0.52), 8, 8).sum() == 1  # smaller than a cell: the cell holding it
+
+
+def test_text_maps_renormalize_the_words_only():
+    maps = torch.rand(6, 4, 4)
+    text = text_maps(maps, eos=4)
+    torch.testing.assert_close(text[1:4].sum(0), torch.ones(4, 4))
+    assert text[0].abs().sum() == 0 and text[4:].abs().sum() == 0
+    sharp = text_maps(maps, eos=4, temperature=0.01)  # Attend-and-Excite's softmax(100 p)
+    torch.testing.assert_close(sharp[1:4], torch.softmax(maps[1:4] * 100, dim=0))
+
+
+# -- words and options --
+
+def test_words_are_addressed_as_heatmaps_address_them(tiny_pipe):
+    p = plan(tiny_pipe.tokenizer, "a red circle left of a blue circle", Guide(excite=("circle#2",), bind="auto"))
+    assert p.excite == [[8]]  # BOS is 0: a red circle left of a blue circle#2
+    assert [(a, n) for a, n, _ in p.bind] == [([2], [3]), ([7], [8])]
+    assert p.bind[0][2] == [[7], [8]]  # the other object's words
+    with pytest.raises(ValueError, match=r"excite word 'square' is not in the prompt 'a red circle'; its words: a, "
+                                         r"red, circle"):
+        plan(tiny_pipe.tokenizer, "a red circle", Guide(excite=("square",)))
+    with pytest.raises(ValueError, match="'auto' guidance needs a prompt in the shapes scenes' grammar"):
+        plan(tiny_pipe.tokenizer, "a photo of a cat", Guide(bind="auto"))
+
+
+def test_options_parse_and_bad_values_name_themselves():
+    g = parse_options("circle,square", "red=circle, blue=square", ["circle=0,0,0.5,0.5"], step_size=0.2, steps=None)
+    assert g.excite == ("circle", "square") and g.bind == (("red", "circle"), ("blue", "square"))
+    assert g.boxes == (("circle", (0.0, 0.0, 0.5, 0.5)),) and g.step_size == 0.2 and g.steps == StepRange.fraction(0, 0.5)
+    assert parse_options(bind="auto").bind == "auto" and not parse_options()
+    for kwargs, message in [({"boxes": ["circle=0.5,0.5,1.2,1"]}, "box of 'circle' 0.5,0.5,1.2,1: expected fractions"),
+                            ({"boxes": ["circle=0.2,0.2,0.1,0.5"]}, "0 <= x0 < x1 <= 1"),
+                            ({"boxes": ["circle=nan,0,1,1"]}, "box of 'circle' nan"),
+                            ({"boxes": ["circle=0,0,1"]}, "expected WORD=x0,y0,x1,y1, four numbers"),
+                            ({"bind": "red"}, "--bind 'red': expected ATTRIBUTE=NOUN"),
+                            ({"excite": "circle,,square"}, "expected comma-separated words"),
+                            ({"excite": "circle", "bind_loss": "l2"}, "bind loss 'l2'; expected one of"),
+                            ({"excite": "circle", "step_size": -1.0}, "step_size=-1.0; expected a positive number"),
+                            ({"excite": "circle", "iterations": 0}, "iterations=0; expected a whole number")]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            parse_options(**kwargs)
+
+
+# -- guided sampling --
+
+def test_without_guidance_images_and_captured_maps_are_bit_identical(tiny_pipe):
+    with AttentionStore(tiny_pipe) as store:
+        plain = tiny_pipe("a red circle", generator=seeded(0), **KW).images
+    plain_maps = store.token_maps(0)
+    assert np.array_equal(plain, generate(tiny_pipe, "a red circle", guide=Guide(), generator=seeded(0), **KW).images)
+    # installed, but its steps never come: the images and the maps another controller captures are unchanged
+    with AttentionStore(tiny_pipe) as store, AttentionGuide(tiny_pipe, Guide(excite=("circle",),
+                                                                           steps=StepRange.steps(0, 0))) as g:
+        same = tiny_pipe("a red circle", generator=seeded(0), **g.kwargs(), **KW).images
+    assert np.array_equal(plain, same) and torch.equal(plain_maps, store.token_maps(0)) and g.losses == {}
+
+
+def _step_inputs(pipe, g, step: int, **kw):
+    """The tensors the step callback sees before `step` (after step - 1) of a plain 4-step run."""
+    saved = {}
+
+    def grab(pipe, i, t, tensors):
+        saved.update(tensors if i == step - 1 else {})
+        return {}
+
+    pipe("a red circle", generator=seeded(0), callback_on_step_end=grab,
+         callback_on_step_end_tensor_inputs=g.tensor_inputs, output_type="np", **kw)
+    return saved, pipe.scheduler.timesteps[step]
+
+
+def _share_inside(pipe, x, t, embeds, mask, word: str, region) -> float:
+    """The share of `word`'s attention (among the words) that falls in `region`, from one UNet call."""
+    with AttentionStore(pipe) as store:
+        pipe.unet(x, t, encoder_hidden_states=embeds, encoder_attention_mask=mask)
+    m = store.word_maps(0, prompt="a red circle", normalize="share")[word]
+    return float(m[region].sum() / m.sum())
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_a_guided_step_moves_the_words_attention_into_its_box(tiny_pipe, guidance_scale):
+    guide = Guide(boxes=(("circle", (0.0, 0.0, 0.5, 1.0)),), steps=StepRange.steps(0, 4), step_size=0.5, refine=())
+    with AttentionGuide(tiny_pipe, guide) as g:
+        g.check(["a red circle"])
+        tensors, t = _step_inputs(tiny_pipe, g, 2, guidance_scale=guidance_scale)
+        x = tensors["latents"]
+        embeds, mask = g._text(tensors, 1)  # the conditional row, under guidance and without
+        moved = g.callback(tiny_pipe, 1, t, tensors)["latents"]
+        losses = [float(g._loss_and_grad(tiny_pipe, y, t, embeds, mask)[0]) for y in (x, moved)]
+    shares = [_share_inside(tiny_pipe, y, t, embeds, mask, "circle", LEFT) for y in (x, moved)]
+    assert losses[1] < losses[0] and shares[1] > shares[0], (losses, shares)
+    assert embeds.shape[0] == 1
+
+
+def test_refinement_repeats_a_step_until_the_loss_is_low(tiny_pipe):
+    guide = Guide(excite=("circle",), steps=StepRange.steps(0, 4), step_size=0.3, iterations=4, refine=((0.5, 0.99),))
+    with AttentionGuide(tiny_pipe, guide) as g:
+        g.check(["a red circle"])
+        tensors, t = _step_inputs(tiny_pipe, g, 2, guidance_scale=2.0)
+        x = tensors["latents"]
+        embeds, mask = g._text(tensors, 1)
+        out = g.callback(tiny_pipe, 1, t, tensors)["latents"]  # step 2 of 4 refines: up to 4 gradient steps
+        losses = [float(g._loss_and_grad(tiny_pipe, y, t, embeds, mask)[0]) for y in (x, out)]
+    assert losses[1] < losses[0]
+    one = 0.3 * math.sqrt(1 - 2 / 8)  # the RMS change of one normalized gradient step at step 2 of 4
+    assert 1.5 * one < float((out - x).pow(2).mean().sqrt()) <= 4 * one + 1e-5  # several steps, at most 4
+
+
+def test_guidance_on_stable_diffusion_with_and_without_classifier_free_guidance(sd_pipe):
+    guide = Guide(excite=("circle",), boxes=(("red", (0.0, 0.0, 0.5, 0.5)),), steps=StepRange.steps(0, 3),
+                  step_size=0.3)
+    for scale in (1.0, 3.0):
+        kw = dict(num_inference_steps=3, guidance_scale=scale, output_type="np")
+        plain = sd_pipe("a red circle", generator=seeded(0), **kw).images
+        guided = generate(sd_pipe, "a red circle", guide=guide, generator=seeded(0), **kw).images
+        assert np.isfinite(guided).all() and not np.array_equal(plain, guided)
+        again = sd_pipe("a red circle", generator=seeded(0), **kw).images
+        assert np.array_equal(plain, again)  # processors and hooks restored
+
+
+def test_edit_with_guidance_moves_source_and_edit_together(tiny_pipe):
+    guide = Guide(boxes=(("circle", (0.0, 0.0, 0.5, 1.0)),), steps=StepRange.steps(0, 4), step_size=0.5)
+    plain = edit(tiny_pipe, "a red circle", "a blue circle", output_type="np", guidance_scale=2.0)
+    guided = edit(tiny_pipe, "a red circle", "a blue circle", guide=guide, output_type="np", guidance_scale=2.0)
+    assert not np.array_equal(plain.source, guided.source) and not np.array_equal(plain.edited, guided.edited)
+    with pytest.raises(ValueError, match="bind word 'green' is not in the prompt 'a red circle'"):
+        edit(tiny_pipe, "a red circle", "a blue circle", guide=Guide(bind=(("green", "circle"),)))
+
+
+# -- command line and eval --
+
+def test_guidance_options_from_the_command_line(tiny_pipe, tmp_path, capsys):
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    common = ["--pipeline", str(tmp_path / "pipe"), "--steps", "3"]
+    assert main(["generate", "a red circle", *common, "--excite", "circle", "--box", "red=0,0,0.5,0.5",
+                 "--guide-steps", "0:3", "-o", str(tmp_path / "g.png")]) == 0
+    assert main(["generate", "a red circle", *common, "-o", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "g.png").read_bytes() != (tmp_path / "p.png").read_bytes()
+    assert main(["heatmap", "a red circle left of a blue square", "--pipeline", str(tmp_path / "pipe"),
+                 "--num-steps", "3", "--bind", "-o", str(tmp_path / "maps")]) == 0
+    assert (tmp_path / "maps" / "index.html").is_file()
+    assert main(["edit", "a red circle", "--to", "a blue circle", *common, "--excite", "circle",
+                 "-o", str(tmp_path / "e.png")]) == 0
+    capsys.readouterr()
+    for args, message in [(["--excite", "square"], "excite word 'square' is not in the prompt 'a red circle'"),
+                          (["--box", "circle=0,0,1.5,1"], "box of 'circle' 0,0,1.5,1: expected fractions"),
+                          (["--bind-loss", "l2"], "argument --bind-loss: invalid choice: 'l2'")]:
+        assert _exit_code(["generate", "a red circle", *common, *args, "-o", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert _exit_code(["eval", "--guided", "excite,boxes"]) == 2
+    assert "unknown method 'boxes'; expected comma-separated methods of excite, bind, box" in capsys.readouterr().err
+
+
+def _exit_code(argv) -> int:
+    """main's return code, or the code of the SystemExit argparse raises for a bad option."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_box_prompts_and_box_iou():
+    items = box_prompts(64)
+    assert len(items) == 64 and len({box for _, _, box in items}) == 64
+    for prompt, word, (x0, y0, x1, y1) in items:
+        assert word in prompt.split() and prompt.split()[1] in ("small", "large")
+        side = {"small": 8 / 32, "large": 13 / 32}[prompt.split()[1]]
+        assert math.isclose(x1 - x0, side) and math.isclose(y1 - y0, side)
+        assert 1 / 32 <= x0 and x1 <= 31 / 32 + 1e-9 and 1 / 32 <= y0 and y1 <= 31 / 32 + 1e-9
+    assert box_iou((0, 0, 4, 4), (0, 0, 4, 4)) == 1.0 and box_iou((0, 0, 4, 4), (4, 4, 8, 8)) == 0.0
+    assert box_iou((0, 0, 4, 4), (2, 0, 6, 4)) == pytest.approx(8 / 24)
+
+
+def test_eval_reports_guided_sets_and_box_scores(tiny_pipe):
+    guide = Guide(excite="auto", bind="auto", steps=StepRange.steps(0, 2))
+    report = evaluate(tiny_pipe, quick=True, sets=("two",), heatmaps=False, edits=False, guidance_scales=(2.0,),
+                      steps=2, guide=guide, boxes=2)
+    assert report["config"]["guide"]["excite"] == "auto" and report["config"]["guide"]["steps"] == "steps 0:2"
+    assert report["sets"]["two"]["n"] == 4
+    b = report["boxes"]
+    assert b["n"] == 2 and 0 <= b["iou"] <= 1 and 0 <= b["color_shape"] <= 1
+    plain = evaluate(tiny_pipe, quick=True, sets=("two",), heatmaps=False, edits=False, guidance_scales=(2.0,),
+                     steps=2)
+    assert plain["config"]["guide"] is None and plain["boxes"] is None
