@@ -198,7 +198,8 @@ def _numbers(tree):
 def test_quick_evaluate_report_has_every_key_with_scores_in_range(tiny_pipe):
     report = evaluate(tiny_pipe, quick=True)
     json.dumps(report)  # JSON-ready
-    assert set(report) == {"pipeline", "config", "sets", "guidance", "heatmap_iou", "edits", "seconds"}
+    assert set(report) == {"pipeline", "config", "sets", "guidance", "heatmap_iou", "edits", "boxes", "seconds"}
+    assert report["boxes"] is None and report["config"]["guide"] is None  # no --boxes, no guidance
     assert report["config"]["steps"] == 4 and report["config"]["seeds"] == 1
     assert set(report["sets"]) == {"single", "two", "heldout"}
     for name, s in report["sets"].items():

@@ -18,7 +18,7 @@ from ..data.captions import COLORS, SHAPES, parse_caption_words
 from .detector import FAILURES, Detection, detect, position_of, score_prompt
 
 __all__ = ["ATTRIBUTES", "THRESHOLDS", "to_uint8", "score_images", "summarize", "iou", "threshold_ious",
-           "word_masks", "summarize_ious", "rank", "spearman", "color_strength", "swap_scores",
+           "word_masks", "summarize_ious", "box_iou", "rank", "spearman", "color_strength", "swap_scores",
            "mean_or_none"]
 
 # Clause names of `score_prompt`, in table order; position applies to one object, relation to several.
@@ -63,6 +63,14 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks; two empty masks agree (1.0)."""
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def box_iou(a, b) -> float:
+    """IoU of two boxes (x0, y0, x1, y1), x1 and y1 exclusive (as `Detection.bbox`)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return float(w * h / union) if union > 0 else 0.0
 
 
 def threshold_ious(heat: np.ndarray, mask: np.ndarray, thresholds=THRESHOLDS) -> np.ndarray:

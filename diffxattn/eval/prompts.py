@@ -17,10 +17,10 @@ import itertools
 
 import numpy as np
 
-from ..data.captions import COLORS, POSITIONS, RELATIONS, SHAPES, build_caption
-from ..data.shapes import ShapesConfig
+from ..data.captions import COLORS, POSITIONS, RELATIONS, SHAPES, SIZES, build_caption
+from ..data.shapes import _EXTENT_AT_32, ShapesConfig
 
-__all__ = ["SET_NAMES", "FULL_SIZES", "QUICK_SIZES", "prompt_set", "prompt_sets", "color_swap", "shape_swap",
+__all__ = ["SET_NAMES", "FULL_SIZES", "QUICK_SIZES", "prompt_set", "prompt_sets", "box_prompts", "color_swap", "shape_swap",
            "reweighted", "color_word_index", "first_object"]
 
 SET_NAMES = ("single", "two", "heldout")
@@ -72,6 +72,25 @@ def prompt_sets(names=SET_NAMES, *, quick: bool = False, sizes: dict[str, int] |
     default = QUICK_SIZES if quick else FULL_SIZES
     sizes = {**default, **(sizes or {})}
     return {name: prompt_set(name, sizes[name], holdout=holdout) for name in names}
+
+
+def box_prompts(n: int = 64, *, size: int = 32, holdout=None) -> list[tuple[str, str, tuple[float, float, float, float]]]:
+    """n (prompt, shape word, box) for `--box`: "a small red circle" (size always said, no position) and a box
+    (x0, y0, x1, y1 in fractions of the image) as wide as that object is drawn at its size, at a random place
+    inside the image's border. Fixed order and boxes, as the other sets."""
+    train = ShapesConfig(holdout=tuple(tuple(p) for p in (ShapesConfig().holdout if holdout is None else holdout))
+                         ).train_pairs
+    rng = np.random.default_rng(len(SET_NAMES))
+    items = []
+    for k in rng.permutation(len(train) * len(SIZES))[:n] if n <= len(train) * len(SIZES) else \
+            rng.integers(0, len(train) * len(SIZES), n):
+        (color, shape), word = train[k // len(SIZES)], SIZES[k % len(SIZES)]
+        side = 2 * _EXTENT_AT_32[word] * size / 64 / size  # the object's diameter, as a fraction of the image
+        pad = max(1.0, size / 32) / size
+        x0, y0 = rng.uniform(pad, 1 - pad - side, 2)
+        items.append((_caption([{"color": color, "shape": shape, "size": word}]), shape,
+                      (float(x0), float(y0), float(x0 + side), float(y0 + side))))
+    return items
 
 
 def color_word_index(prompt: str) -> int:

@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from contextlib import ExitStack
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..control.guided import AttentionGuide, Guide
 from ..control.steps import StepRange
 from ..control.store import AttentionStore, word_keys
+from ..data.captions import parse_caption_words
 from ..data.shapes import ShapesConfig
 from ..generation import edit, generate
 from ..schedulers import scheduler_name
 from . import metrics
 from .detector import detect, failure_of, score_prompt
-from .prompts import SET_NAMES, color_swap, first_object, prompt_set, prompt_sets, reweighted, shape_swap
+from .prompts import SET_NAMES, box_prompts, color_swap, first_object, prompt_set, prompt_sets, reweighted, shape_swap
 
 __all__ = ["evaluate", "format_report", "DEFAULT_GUIDANCE", "QUICK_GUIDANCE", "REWEIGHTS", "REWEIGHT_MODES"]
 
@@ -76,9 +80,9 @@ class _HeatmapTally:
 
 def _score_set(pipe, prompts: list[str], seeds, *, scale: float, steps: int, batch_size: int,
                heat: _HeatmapTally | None = None, progress: bool = False, desc: str = "",
-               sampling: dict | None = None) -> tuple[list[dict], list[str | None]]:
-    """Generate every prompt x seed (batched), detect, score; with `heat`, also tally heatmap IoUs.
-    Returns the scores and each image's first failed clause (`failure_of`)."""
+               sampling: dict | None = None, guide: Guide | None = None) -> tuple[list[dict], list[str | None]]:
+    """Generate every prompt x seed (batched), detect, score; with `heat`, also tally heatmap IoUs; with `guide`,
+    attention-guided. Returns the scores and each image's first failed clause (`failure_of`)."""
     items = [(p, s) for p in prompts for s in seeds]
     scores, failures = [], []
     for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, leave=False):
@@ -86,11 +90,11 @@ def _score_set(pipe, prompts: list[str], seeds, *, scale: float, steps: int, bat
         texts = [p for p, _ in batch]
         kwargs = dict(num_inference_steps=steps, guidance_scale=scale, output_type="np",
                       generator=_generators(s for _, s in batch), **(sampling or {}))
-        if heat is None:
+        with ExitStack() as stack:
+            store = stack.enter_context(AttentionStore(pipe, step_bins=0)) if heat is not None else None
+            if guide:
+                kwargs.update(stack.enter_context(AttentionGuide(pipe, guide)).kwargs())
             images = metrics.to_uint8(pipe(texts, **kwargs).images)
-        else:
-            with AttentionStore(pipe, step_bins=0) as store:
-                images = metrics.to_uint8(pipe(texts, **kwargs).images)
         for k, (text, image) in enumerate(zip(texts, images)):
             detections = detect(image)
             scores.append(score_prompt(text, detections, image.shape[0]))
@@ -98,6 +102,30 @@ def _score_set(pipe, prompts: list[str], seeds, *, scale: float, steps: int, bat
             if heat is not None:
                 heat.add(store, k, text, detections)
     return scores, failures
+
+
+def _box_metrics(pipe, items, seeds, *, scale: float, steps: int, guide: Guide | None, sampling: dict,
+                 progress: bool = False) -> dict:
+    """Each (prompt, word, box) of `box_prompts` drawn with `guide` plus the box on the word, for every seed: the
+    IoU of the detected object's bounding box (the one of the prompt's color and shape, else the largest) with
+    the requested box, and whether the object's color and shape are right."""
+    ious, correct = [], []
+    for prompt, word, box in tqdm(items, desc="boxes", disable=not progress, leave=False):
+        boxed = replace(guide or Guide(), boxes=((word, box),))
+        with AttentionGuide(pipe, boxed) as g:
+            images = metrics.to_uint8(pipe([prompt] * len(seeds), generator=_generators(seeds), output_type="np",
+                                           num_inference_steps=steps, guidance_scale=scale, **sampling,
+                                           **g.kwargs()).images)
+        for image in images:
+            size = image.shape[0]
+            detections = detect(image)
+            scores = score_prompt(prompt, detections, size)
+            correct.append(scores["color"] and scores["shape"])
+            spec = parse_caption_words(prompt)[0]["objects"][0]
+            mine = [d for d in detections if (d.color, d.shape) == (spec["color"], spec["shape"])] or detections
+            ious.append(metrics.box_iou(mine[0].bbox, [v * size for v in box]) if mine else 0.0)
+    return {"n": len(ious), "iou": float(np.mean(ious)), "iou_median": float(np.median(ious)),
+            "iou>=0.5": float(np.mean([v >= 0.5 for v in ious])), "color_shape": float(np.mean(correct))}
 
 
 def _change(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
@@ -170,7 +198,8 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
              sizes: dict[str, int] | None = None, heatmaps: bool = True, edits: bool = True,
              edit_prompts: int | None = None, weights=REWEIGHTS, holdout=None, batch_size: int = 32,
              thresholds=metrics.THRESHOLDS, pipeline: str | None = None, progress: bool = False,
-             guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None) -> dict:
+             guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None,
+             guide: Guide | None = None, boxes: int = 0) -> dict:
     """Evaluate a pipeline on the fixed prompt sets; returns the JSON-ready report.
 
     seeds: images per prompt (seeds 0..n-1; default 4, quick 1). guidance_scales: the guidance curve
@@ -179,7 +208,8 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
     sizes: prompts per set (default 64/64/32, quick 4 each). edit_prompts: single-object prompts edited
     (default 8, quick 2). holdout: the held-out pairs (default `ShapesConfig().holdout`).
     guidance_rescale, guidance_interval: passed to the pipeline for the accuracy sets and the curve (interval
-    default: the pipeline's).
+    default: the pipeline's). guide: attention-guided sampling (`control.guided`) for the sets, the curve and the
+    heatmaps (not the edits). boxes: also score that many `box_prompts` with their boxes (and `guide`'s settings).
 
     >>> report = evaluate(pipe, quick=True)
     >>> report["sets"]["single"]["all"], report["guidance"]["3"]["two"]
@@ -212,7 +242,7 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
         for name, texts in prompts.items():
             scores, failures = _score_set(pipe, texts, seeds, scale=scale, steps=steps, batch_size=batch_size,
                                 heat=heat if scale == main else None, progress=progress,
-                                desc=f"{name} g={scale:g}", sampling=sampling)
+                                desc=f"{name} g={scale:g}", sampling=sampling, guide=guide)
             summary = metrics.summarize(scores, failures)
             by_scale[scale][name] = summary["all"]
             if scale == main:
@@ -227,11 +257,15 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
                    "sizes": {k: len(v) for k, v in prompts.items()},
                    "image_size": pipe.unet.config.sample_size, "holdout": [list(p) for p in holdout],
                    "thresholds": list(thresholds), "heatmaps": heatmaps, "edits": edits,
-                   "edit_prompts": n_edit, "weights": list(weights)},
+                   "edit_prompts": n_edit, "weights": list(weights),
+                   "guide": _guide_config(guide) if guide or boxes else None, "boxes": boxes},
         "sets": report_sets,
         "guidance": {f"{s:g}": by_scale[s] for s in scales},
         "heatmap_iou": heat.summary() if heat else None,
         "edits": None,
+        "boxes": _box_metrics(pipe, box_prompts(boxes, size=pipe.unet.config.sample_size, holdout=holdout), seeds,
+                              scale=main, steps=steps, guide=guide, sampling=sampling, progress=progress)
+        if boxes else None,
     }
     if edits:
         edit_texts = prompt_set("single", n_edit, holdout=holdout)
@@ -239,6 +273,14 @@ def evaluate(pipe, *, quick: bool = False, seeds: int | None = None, guidance_sc
                                         holdout=holdout, progress=progress)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
+
+
+def _guide_config(guide: Guide | None) -> dict | None:
+    if guide is None:
+        return None
+    config = asdict(guide)
+    config["steps"] = str(guide.steps)
+    return config
 
 
 def _fmt(x, width: int = 6) -> str:
@@ -286,5 +328,13 @@ def format_report(report: dict) -> str:
                          f"{_fmt(r['spearman'], 0)} (per image {_fmt(r['spearman_per_image'], 0)}); strength {curve}")
         lines.append(f"local blend (n={lb['n']}): change outside mask {_fmt(lb['outside'], 0)} "
                      f"(without blend {_fmt(lb['outside_no_blend'], 0)}), inside {_fmt(lb['inside'], 0)}")
+    if report.get("boxes"):
+        b = report["boxes"]
+        lines.append(f"\nboxes (n={b['n']}): IoU mean {b['iou']:.3f}, median {b['iou_median']:.3f}, "
+                     f">= 0.5 {b['iou>=0.5']:.3f}; color and shape right {b['color_shape']:.3f}")
+    if report["config"].get("guide"):
+        g = report["config"]["guide"]
+        lines.append(f"attention-guided: excite {g['excite'] or '-'}, bind {g['bind'] or '-'}, steps {g['steps']}, "
+                     f"step size {g['step_size']:g}, iterations {g['iterations']}")
     lines.append(f"\n{report['seconds']:.1f} s")
     return "\n".join(lines)
