@@ -1,8 +1,8 @@
 """Step callbacks: diffusers' `callback_on_step_end` protocol, which both pipelines honour.
 
 A step callback is `fn(pipe, i, timestep, tensors) -> dict`: after the scheduler's i-th step it gets the
-tensors named in `callback_on_step_end_tensor_inputs` ("latents", "prompt_embeds", and on our pipeline
-"prompt_attention_mask") and returns the ones it replaces. Prompt schedules, local blend and a user's own
+tensors named in `callback_on_step_end_tensor_inputs` ("latents", "prompt_embeds", on our pipeline
+"prompt_attention_mask", on SDXL "add_text_embeds" and "add_time_ids") and returns the ones it replaces. Prompt schedules, local blend and a user's own
 callback are all such functions; `StepCallbacks` runs several in order as one.
 
     callbacks = StepCallbacks([(schedule, schedule.tensor_inputs), (blend.callback, ["latents"]), (mine, None)])
@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .conditioning import masks_padding
+from .conditioning import masks_padding, takes_pooled
 
 StepCallback = Callable[..., "dict | None"]
 
@@ -51,12 +51,17 @@ class PromptSchedule:
     steps (`[from:to:when]`) on either pipeline.
 
     embeds (K, S, D) and mask (K, S): one row per prompt of the schedule; `prompt_of_step[s]` is the row of
-    step s. A scheduler of order 2 (Heun) calls back twice per step but the last (see `control.steps`).
+    step s; pooled (K, P): SDXL's pooled embeddings (`add_text_embeds`), which switch with them. A scheduler of
+    order 2 (Heun) calls back twice per step but the last (see `control.steps`).
     """
 
-    def __init__(self, pipe, embeds: torch.Tensor, mask: torch.Tensor, prompt_of_step: list[int]):
-        self.embeds, self.mask, self.prompt_of_step = embeds, mask, prompt_of_step
-        self.tensor_inputs = ["prompt_embeds"] + (["prompt_attention_mask"] if masks_padding(pipe) else [])
+    def __init__(self, pipe, embeds: torch.Tensor, mask: torch.Tensor, prompt_of_step: list[int],
+                 pooled: torch.Tensor | None = None):
+        if takes_pooled(pipe) and pooled is None:
+            raise ValueError(f"{type(pipe).__name__} also reads pooled text embeddings: pass pooled=")
+        self.embeds, self.mask, self.prompt_of_step, self.pooled = embeds, mask, prompt_of_step, pooled
+        self.tensor_inputs = (["prompt_embeds"] + (["prompt_attention_mask"] if masks_padding(pipe) else [])
+                              + (["add_text_embeds"] if pooled is not None else []))
 
     def __call__(self, pipe, i: int, timestep, tensors: dict) -> dict:
         step = (i + 1) // getattr(pipe.scheduler, "order", 1)  # the step the next UNet call belongs to
@@ -69,4 +74,8 @@ class PromptSchedule:
             mask = tensors["prompt_attention_mask"].clone()
             mask[cond:] = self.mask[k].to(mask)
             out["prompt_attention_mask"] = mask
+        if self.pooled is not None:
+            pooled = tensors["add_text_embeds"].clone()
+            pooled[cond:] = self.pooled[k].to(pooled)
+            out["add_text_embeds"] = pooled
         return out

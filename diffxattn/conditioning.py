@@ -3,13 +3,20 @@
 A prompt is parsed (weight syntax, `prompt_syntax`), tokenized and aligned with its words once, as a
 `TokenizedPrompt`; generation, heatmaps, edits and the evaluation read its clean text, token ids, word ->
 token positions, per-token weights and truncation from there. `encode` turns texts into embeddings on
-either pipeline, `weighted_embeddings` applies prompt weights to the embeddings (compel / Automatic1111).
+any of the pipelines (ours, Stable Diffusion, SDXL), `weighted_embeddings` applies prompt weights to the
+embeddings (compel / Automatic1111).
 
-    tokens = TokenizedPrompt.of(pipe.tokenizer, "a (red:1.5) crimson circle")
+    tokens = prompt_tokens(pipe, "a (red:1.5) crimson circle")   # TokenizedPrompt.of(pipe.tokenizer, ...)
     tokens.clean     # 'a red crimson circle', the text the tokenizer sees
     tokens.words     # [('a', [1]), ('red', [2]), ('crimson', [3, 4]), ('circle', [5])]  (BOS is 0)
     tokens.weights   # one per position of the padded window: 1.5 at 2, 1 elsewhere
     embeds, mask = encode(pipe, [tokens.clean])
+    text = embed_texts(pipe, [tokens.clean])  # the same, with SDXL's pooled embedding: text.pooled
+
+SDXL has two tokenizers and text encoders: word positions come from the first (`tokenizer`; the refiner has only
+`tokenizer_2`) and `prompt_tokens` checks that the other splits the prompt the same way; the per-token embeddings
+are both encoders' penultimate hidden states side by side, and the second encoder's pooled output conditions the
+UNet next to the time ids (`added_cond_kwargs`).
 """
 
 from __future__ import annotations
@@ -184,6 +191,35 @@ def word_token_map(prompt_clean: str, tokenizer) -> list[tuple[str, list[int]]]:
     return out
 
 
+def tokenizers(pipe) -> list:
+    """The pipeline's tokenizers, the one word positions come from first: `tokenizer`, then SDXL's `tokenizer_2`
+    (the SDXL refiner has only `tokenizer_2`)."""
+    found = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    if not found:
+        raise ValueError(f"{type(pipe).__name__} has no tokenizer: attention control needs the prompt's tokens")
+    return found
+
+
+def prompt_tokens(pipe, prompt: str | TokenizedPrompt, *, syntax: bool = True) -> TokenizedPrompt:
+    """`TokenizedPrompt.of` with the pipeline's (first) tokenizer. On SDXL the second tokenizer must split the
+    prompt into the same words at the same positions, or maps and weights would address the wrong tokens of one
+    encoder: a ValueError names the first word they split differently."""
+    first, *others = tokenizers(pipe)
+    tokens = TokenizedPrompt.of(first, prompt, syntax=syntax)
+    for other in others:
+        if other.model_max_length != first.model_max_length:
+            raise ValueError(f"the pipeline's tokenizers read {first.model_max_length} and {other.model_max_length} "
+                             "tokens: per-token weights and maps need one length")
+        second = TokenizedPrompt.of(other, tokens.clean, syntax=False)
+        if second.words != tokens.words:
+            (word, a), (other_word, b) = next((x, y) for x, y in itertools.zip_longest(
+                tokens.words, second.words, fillvalue=("", [])) if x != y)
+            raise ValueError(f"the pipeline's two tokenizers split the word {shorten(word or other_word, 40)!r} of "
+                             f"{shorten(tokens.clean, 80)!r} differently (token positions {a} vs {b}); word maps "
+                             "and weights need both to agree")
+    return tokens
+
+
 class PromptTooLongError(ValueError):
     """A prompt has more tokens than the text encoder reads (raised instead of a warning when strict)."""
 
@@ -231,13 +267,69 @@ def masks_padding(pipe) -> bool:
     return "prompt_attention_mask" in getattr(pipe, "_callback_tensor_inputs", ())
 
 
-def encode(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings (B, S, D) and key mask (B, S) of texts (no weight syntax) on either pipeline, through the
-    pipeline's own `encode_prompt`: ours masks padding keys; Stable Diffusion attends to every position."""
+def takes_pooled(pipe) -> bool:
+    """Whether the pipeline's UNet also reads a pooled text embedding and time ids (SDXL's `added_cond_kwargs`):
+    its step callbacks then also see `add_text_embeds` and `add_time_ids`."""
+    return "add_text_embeds" in getattr(pipe, "_callback_tensor_inputs", ())
+
+
+@dataclass
+class TextEmbeddings:
+    """What a pipeline's UNet reads of a batch of texts."""
+
+    embeds: torch.Tensor  # (B, S, D) per-token embeddings: the keys and values of cross-attention
+    mask: torch.Tensor  # (B, S) bool, the keys attended to (all of them on Stable Diffusion)
+    pooled: torch.Tensor | None = None  # (B, P) SDXL's pooled embedding of its second text encoder; else None
+
+    def __getitem__(self, rows) -> TextEmbeddings:
+        return TextEmbeddings(self.embeds[rows], self.mask[rows], None if self.pooled is None else self.pooled[rows])
+
+    def pipeline_kwargs(self, pipe) -> dict:
+        """The pipeline call's text arguments: `prompt_embeds`, and the mask or the pooled embedding where the
+        pipeline takes them."""
+        kwargs = {"prompt_embeds": self.embeds}
+        if masks_padding(pipe):
+            kwargs["prompt_attention_mask"] = self.mask
+        if self.pooled is not None:
+            kwargs["pooled_prompt_embeds"] = self.pooled
+        return kwargs
+
+
+def embed_texts(pipe, texts: list[str]) -> TextEmbeddings:
+    """Embeddings of texts (no weight syntax) through the pipeline's own `encode_prompt`, so they are the bits
+    the pipeline itself would use: ours masks padding keys; Stable Diffusion attends to every position; SDXL
+    adds its pooled embedding."""
     if masks_padding(pipe):
-        return pipe.encode_prompt(texts)
-    embeds, _ = pipe.encode_prompt(texts, pipe._execution_device, 1, False)
-    return embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        return TextEmbeddings(*pipe.encode_prompt(texts))
+    if takes_pooled(pipe):
+        embeds, _, pooled, _ = pipe.encode_prompt(texts, device=pipe._execution_device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+    else:
+        (embeds, _), pooled = pipe.encode_prompt(texts, pipe._execution_device, 1, False), None
+    return TextEmbeddings(embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device), pooled)
+
+
+def encode(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (B, S, D) and key mask (B, S) of texts (no weight syntax) on any pipeline (`embed_texts`)."""
+    text = embed_texts(pipe, texts)
+    return text.embeds, text.mask
+
+
+def _encode_hiding(pipe, text: str, hide: torch.Tensor) -> torch.Tensor:
+    """(1, S, D) embeddings of `text` with the tokens `hide` (1, S) hidden from the others inside each text
+    encoder: the last hidden state (ours, Stable Diffusion), or on SDXL both encoders' penultimate ones side by
+    side, as its `encode_prompt` takes them."""
+    if not takes_pooled(pipe):
+        ids, _ = text_mod.tokenize(pipe.tokenizer, [text])
+        return text_mod.encode(pipe.text_encoder, ids, hide)
+    encoders = [e for e in (getattr(pipe, "text_encoder", None), pipe.text_encoder_2) if e is not None]
+    states = []
+    for tokenizer, encoder in zip(tokenizers(pipe), encoders):
+        ids, _ = text_mod.tokenize(tokenizer, [text])
+        out = encoder(ids.to(encoder.device), attention_mask=(~hide).long().to(encoder.device),
+                      output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+    return torch.cat(states, dim=-1)
 
 
 def token_weight_rows(tokenizer, prompts: list[str | TokenizedPrompt]) -> torch.Tensor:
@@ -245,9 +337,9 @@ def token_weight_rows(tokenizer, prompts: list[str | TokenizedPrompt]) -> torch.
     return torch.tensor([TokenizedPrompt.of(tokenizer, p).weights for p in prompts])
 
 
-def weighted_embeddings(pipe, prompts: list[str | TokenizedPrompt], mode: str = "compel"
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text embeddings with prompt weights applied to the token embeddings: (B, S, D), mask (B, S).
+def embed_weighted(pipe, prompts: list[str | TokenizedPrompt], mode: str = "compel") -> TextEmbeddings:
+    """Text embeddings with prompt weights applied to the token embeddings (the pooled one, SDXL's, stays the
+    unweighted prompt's, as compel leaves it).
 
     mode "compel", as compel does it: every weighted token becomes z_empty + w * (z - z_empty); then each run
     of tokens weighted below 1 is also faded out of the whole prompt by lerping towards the prompt encoded
@@ -257,29 +349,38 @@ def weighted_embeddings(pipe, prompts: list[str | TokenizedPrompt], mode: str = 
     """
     if mode not in ("compel", "a1111"):
         raise ValueError(f"embedding weight mode {mode!r}; expected 'compel' or 'a1111'")
-    tokens = [TokenizedPrompt.of(pipe.tokenizer, p) for p in prompts]
-    z, mask = encode(pipe, [t.clean for t in tokens])
+    tokens = [prompt_tokens(pipe, p) for p in prompts]
+    text = embed_texts(pipe, [t.clean for t in tokens])
+    z = text.embeds
     weights = torch.tensor([t.weights for t in tokens])
     w = weights.to(z)[..., None]  # (B, S, 1)
     if mode == "a1111":
         scaled = z * w
-        return scaled * (z.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True)), mask
+        text.embeds = scaled * (z.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True))
+        return text
     z_empty, _ = encode(pipe, [""] * len(prompts))
     out = torch.where(w == 1, z, z_empty + w * (z - z_empty))  # weight 1 keeps z bit for bit
-    ids, _ = text_mod.tokenize(pipe.tokenizer, [t.clean for t in tokens])
     for i, row in enumerate(weights.tolist()):
         runs = [r for r in _equal_runs(row) if r[2] < 1]
         if not runs:
             continue
         total, norm = out[i].clone(), 1.0
         for start, length, v in runs:
-            hide = torch.zeros(1, ids.shape[1], dtype=torch.bool)
+            hide = torch.zeros(1, z.shape[1], dtype=torch.bool)
             hide[0, start:start + length] = True
-            without = text_mod.encode(pipe.text_encoder, ids[i:i + 1], hide)[0].to(z)
+            without = _encode_hiding(pipe, tokens[i].clean, hide)[0].to(z)
             lerp = math.tan((1.0 - max(v, 1e-5)) * math.pi / 2)
             total, norm = total + lerp * without, norm + lerp
         out[i] = total / norm
-    return out, mask
+    text.embeds = out
+    return text
+
+
+def weighted_embeddings(pipe, prompts: list[str | TokenizedPrompt], mode: str = "compel"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`embed_weighted`'s embeddings (B, S, D) and mask (B, S)."""
+    text = embed_weighted(pipe, prompts, mode)
+    return text.embeds, text.mask
 
 
 def _equal_runs(row: list[float]):

@@ -1,4 +1,4 @@
-"""Prompt tools in one call, on our pipeline or Stable Diffusion: weighted prompts, prompt editing over steps,
+"""Prompt tools in one call, on our pipeline, Stable Diffusion or SDXL: weighted prompts, prompt editing over steps,
 and prompt-to-prompt edits.
 
     image = generate(pipe, "a (red:1.6) circle", weight_mode="attention").images[0]
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .callbacks import PromptSchedule, StepCallbacks
-from .conditioning import TokenizedPrompt, encode, masks_padding, weighted_embeddings
+from .conditioning import embed_texts, embed_weighted, prompt_tokens
 from .control.edits import FEATURE_LAYERS, AttentionReweight, LocalBlend, PromptToPrompt
 from .control.guided import AttentionGuide, Guide
 from .control.steps import StepRange
@@ -49,16 +49,17 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
         raise ValueError(f"weight mode {weight_mode!r}; expected one of {WEIGHT_MODES}")
     steps = _steps(pipe, num_inference_steps)
     schedule = parse_schedule(prompt, steps)  # [(end_step, text), ...]
-    tokens = [TokenizedPrompt.of(pipe.tokenizer, text) for _, text in schedule]
+    tokens = [prompt_tokens(pipe, text) for _, text in schedule]
     prompt_of_step = [next(k for k, (end, _) in enumerate(schedule) if s < end) for s in range(steps)]
     if weight_mode == "attention":
-        embeds, mask = encode(pipe, [t.clean for t in tokens])
+        embedded = embed_texts(pipe, [t.clean for t in tokens])
         weights = torch.tensor([t.weights for t in tokens])  # (prompts, S)
     else:
-        embeds, mask = weighted_embeddings(pipe, tokens, "compel" if weight_mode == "embedding" else "a1111")
+        embedded = embed_weighted(pipe, tokens, "compel" if weight_mode == "embedding" else "a1111")
         weights = torch.ones(1)
-    schedule_callback = PromptSchedule(pipe, embeds, mask, prompt_of_step) if len(tokens) > 1 else None
-    text = {"prompt_embeds": embeds[:1], **({"prompt_attention_mask": mask[:1]} if masks_padding(pipe) else {})}
+    schedule_callback = PromptSchedule(pipe, embedded.embeds, embedded.mask, prompt_of_step,
+                                       pooled=embedded.pooled) if len(tokens) > 1 else None
+    text = embedded[:1].pipeline_kwargs(pipe)
     with ExitStack() as stack:
         guided = _guided(stack, pipe, guide, [tokens[0]])
         callbacks = StepCallbacks([(schedule_callback, None), guided,
@@ -104,7 +105,7 @@ def edit(pipe, source: str, target: str, *, cross_replace=StepRange.fraction(0, 
     """
     if has_weights(source):
         raise ValueError(f"the source prompt {source!r} has weight syntax; put weights in the target prompt")
-    src, tgt = TokenizedPrompt.of(pipe.tokenizer, source), TokenizedPrompt.of(pipe.tokenizer, target)
+    src, tgt = prompt_tokens(pipe, source), prompt_tokens(pipe, target)
     generator = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)]
     null_text = None
     if inversion is not None:

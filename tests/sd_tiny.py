@@ -25,3 +25,68 @@ def tiny_sd_pipeline(tmp_dir) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline.from_pretrained(tmp_dir / "sd", safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _sdxl_text(tmp_dir, *, pad_token: str = "!"):
+    """SDXL's second text side: a CLIP tokenizer padding with '!' (as SDXL's tokenizer_2 does) and a
+    CLIPTextModelWithProjection, whose pooled output conditions the UNet next to the time ids."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    text_mod.build_tokenizer(CAPTIONS, tmp_dir / "tok2", max_length=16)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(tmp_dir / "tok2"), pad_token=pad_token)
+    config = text_mod.text_encoder_config(tokenizer_2, hidden_size=32, num_layers=2, num_heads=2)
+    config.pad_token_id = tokenizer_2.pad_token_id
+    torch.manual_seed(1)
+    return tokenizer_2, CLIPTextModelWithProjection(config)
+
+
+def _sdxl_unet(cross_attention_dim: int, time_ids: int, pooled_dim: int) -> UNet2DConditionModel:
+    """SDXL's UNet layout, tiny: no attention at the top level, two transformer blocks below it, and the
+    "text_time" added conditioning (pooled text + `time_ids` numbers, each embedded in 8 channels)."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        cross_attention_dim=cross_attention_dim, norm_num_groups=32, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * time_ids + pooled_dim)
+
+
+def _tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), latent_channels=4,
+                         norm_num_groups=32, sample_size=16)
+
+
+def tiny_sdxl_pipeline(tmp_dir):
+    """A tiny random Stable Diffusion XL base pipeline (16x16 images): two tokenizers and text encoders whose
+    penultimate hidden states are concatenated (32 + 32 channels), the second one's pooled output and 6 time ids
+    as added conditioning."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer = text_mod.build_tokenizer(CAPTIONS, tmp_dir / "tok", max_length=16)
+    text_encoder = text_mod.build_text_encoder(tokenizer, hidden_size=32, num_layers=2, num_heads=2)
+    tokenizer_2, text_encoder_2 = _sdxl_text(tmp_dir)
+    pipe = StableDiffusionXLPipeline(vae=_tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=_sdxl_unet(64, 6, 32),
+                                     scheduler=DDIMScheduler())
+    pipe.save_pretrained(tmp_dir / "sdxl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_dir / "sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_refiner(tmp_dir):
+    """The SDXL refiner's layout, tiny: an image-to-image pipeline with only the second tokenizer and text
+    encoder, and 5 time ids (the aesthetic score replaces the target size)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    tokenizer_2, text_encoder_2 = _sdxl_text(tmp_dir)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=_tiny_vae(), text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
+        unet=_sdxl_unet(32, 5, 32), scheduler=DDIMScheduler(), requires_aesthetics_score=True)
+    pipe.save_pretrained(tmp_dir / "refiner")
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(tmp_dir / "refiner")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..conditioning import TokenizedPrompt
+from ..conditioning import TokenizedPrompt, prompt_tokens, tokenizers
 from .processor import AttnCall, ControllerContext, step_clock
 from .steps import SamplingRun, StepRange
 
@@ -103,10 +103,11 @@ class PromptToPrompt(ControllerContext):
             resnets = [n for n in modules if n.split(".")[-2:-1] == ["resnets"]]
             raise ValueError(f"feature layers {unknown} are not modules of the UNet; its ResBlocks are {resnets}")
         self.feature_replace, self.feature_layers, self.hooks = StepRange.of(feature_replace), list(feature_layers), []
-        source, target = TokenizedPrompt.of(pipe.tokenizer, source), TokenizedPrompt.of(pipe.tokenizer, target)
+        source, target = prompt_tokens(pipe, source), prompt_tokens(pipe, target)
         self.prompts = [source.clean, target.clean]
-        self.mapper, self.is_swap = token_mapper(pipe.tokenizer, source, target)
-        size = pipe.tokenizer.model_max_length
+        tokenizer = tokenizers(pipe)[0]
+        self.mapper, self.is_swap = token_mapper(tokenizer, source, target)
+        size = tokenizer.model_max_length
         self.words = target.words
         ranges = cross_replace if isinstance(cross_replace, dict) else {"default": cross_replace}
         ranges = {word: StepRange.of(r) for word, r in ranges.items()}
@@ -184,10 +185,10 @@ class LocalBlend(ControllerContext):
         super().__init__(pipe)
         self.steps = StepRange.of(steps) if start is None else StepRange.fraction(start, 1)
         self.threshold, self.resolutions, self.dilate = threshold, resolutions, dilate
-        self.positions = [TokenizedPrompt.of(pipe.tokenizer, p).positions(words) for p in prompts]
+        tokens = [prompt_tokens(pipe, p) for p in prompts]
+        self.positions = [t.positions(words) for t in tokens]
         if not any(self.positions):
-            raise ValueError(f"local blend words {words} appear in neither prompt: "
-                             f"{[TokenizedPrompt.of(pipe.tokenizer, p).clean for p in prompts]}")
+            raise ValueError(f"local blend words {words} appear in neither prompt: {[t.clean for t in tokens]}")
         self.on_run_start(SamplingRun(num_steps=1, prompts=None))
 
     def on_run_start(self, run: SamplingRun) -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..conditioning import TokenizedPrompt, masks_padding
+from ..conditioning import TokenizedPrompt, masks_padding, takes_pooled
 from .processor import AttnCall, ControllerContext, alone
 from .steps import SamplingRun, StepRange
 from .store import word_keys
@@ -331,7 +331,9 @@ class AttentionGuide(ControllerContext):
         self.checked = False
         self.maps: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.losses: dict[int, float] = {}
-        self.tensor_inputs = self.tensor_inputs + (["prompt_attention_mask"] if masks_padding(pipe) else [])
+        self.tensor_inputs = (self.tensor_inputs + (["prompt_attention_mask"] if masks_padding(pipe) else [])
+                              + (["add_text_embeds", "add_time_ids"] if takes_pooled(pipe) else []))
+        self.added: dict[str, torch.Tensor] | None = None  # SDXL's added_cond_kwargs for the rows `_text` picked
 
     def check(self, prompts: list[str | TokenizedPrompt]) -> None:
         """Plan the prompts of the next runs now (before sampling), so a word missing from one is an error up front;
@@ -382,20 +384,24 @@ class AttentionGuide(ControllerContext):
         return {"latents": x.detach()}
 
     def _text(self, tensors: dict, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The conditional rows of the text input (negative rows come first under classifier-free guidance)."""
-        embeds = tensors["prompt_embeds"]
-        mask = tensors.get("prompt_attention_mask")
-        if embeds.shape[0] == 2 * batch:
-            embeds, mask = embeds[batch:], None if mask is None else mask[batch:]
+        """The conditional rows of the text input (negative rows come first under classifier-free guidance); on
+        SDXL the same rows of the pooled embeddings and time ids are kept in `added` for `_loss_and_grad`."""
+        names = {"prompt_embeds": "embeds", "prompt_attention_mask": "mask", "add_text_embeds": "text_embeds",
+                 "add_time_ids": "time_ids"}
+        cfg = tensors["prompt_embeds"].shape[0] == 2 * batch
+        rows = {key: tensors[name][batch if cfg else 0:] for name, key in names.items() if tensors.get(name) is not None}
         if self.shared:
-            embeds, mask = embeds[:1], None if mask is None else mask[:1]
-        return embeds, mask
+            rows = {key: value[:1] for key, value in rows.items()}
+        self.added = {k: rows[k] for k in ("text_embeds", "time_ids") if k in rows} or None
+        return rows["embeds"], rows.get("mask")
 
     def _loss_and_grad(self, pipe, latents, t, embeds, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row losses (B,) and the gradient of their sum with respect to the (first, if shared) latents."""
         x = (latents[:1] if self.shared else latents).detach().requires_grad_(True)
         self.maps.clear()
         kwargs = {"encoder_attention_mask": mask} if mask is not None else {}
+        if self.added is not None:  # SDXL: the pooled text and time ids of the same rows
+            kwargs["added_cond_kwargs"] = self.added
         with alone(pipe, self), torch.enable_grad():
             pipe.unet(pipe.scheduler.scale_model_input(x, t), t, encoder_hidden_states=embeds, **kwargs)
             maps = self._maps()

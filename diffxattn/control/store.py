@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from ..conditioning import TokenizedPrompt
+from ..conditioning import TokenizedPrompt, prompt_tokens
 from .processor import AttnCall, ControllerContext
 from .steps import SamplingRun, StepRange
 
@@ -160,7 +160,7 @@ class AttentionStore(ControllerContext):
         """(word, token positions) for the prompt of image `index` (or `prompt`); BOS/EOS/padding and words cut
         off by the encoder's length excluded."""
         prompt = prompt if prompt is not None else self._prompt(index)
-        return TokenizedPrompt.of(self.pipe.tokenizer, prompt).words
+        return prompt_tokens(self.pipe, prompt).words
 
     def _prompt(self, index: int) -> str:
         if not self.prompts:
