@@ -6,16 +6,19 @@ The refiner's layout (only the second text encoder, an aesthetic score among the
 and weights.
 """
 
+import copy
+
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 from diffxattn.conditioning import embed_texts, embed_weighted, prompt_tokens
 from diffxattn.control import AttentionStore, StepRange, attention_layers
 from diffxattn.control.edits import LocalBlend, PromptToPrompt
 from diffxattn.control.guided import AttentionGuide, Guide
-from diffxattn.control.processor import _INSTALLED
+from diffxattn.control.processor import UnsupportedAttentionError, _INSTALLED
 from diffxattn.generation import WEIGHT_MODES, edit, generate
 from diffxattn.models import text as text_mod
 from conftest import seeded
@@ -243,3 +246,61 @@ def test_tokenizers_that_split_a_word_differently_are_an_error_naming_it(sdxl, t
     with pytest.raises(ValueError, match=r"read 16 and 8 tokens"):
         short = text_mod.build_tokenizer(["a red circle"], tmp_path / "short", max_length=8)
         prompt_tokens(StableDiffusionXLPipeline(**{**sdxl.components, "tokenizer_2": short}), "a red circle")
+
+
+# -- any UNet2DConditionModel: what the control layer does not cover is an error, never a silent no-op --
+
+class RenamedProcessor(AttnProcessor2_0):
+    """A processor class the control layer does not know (it could compute anything)."""
+
+
+class OtherAttention(torch.nn.Module):
+    """An attention module of another kind: it has a processor, but it is not a diffusers Attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.processor = AttnProcessor2_0()
+
+    def set_processor(self, processor):
+        self.processor = processor
+
+
+def _sd_with(sd_pipe, change):
+    unet = copy.deepcopy(sd_pipe.unet)
+    change(unet)
+    return StableDiffusionPipeline(**{**sd_pipe.components, "unet": unet})
+
+
+@pytest.mark.parametrize("case", ["processor", "module", "multihead"])
+def test_attention_the_control_layer_does_not_cover_is_an_error_naming_the_layer(sd_pipe, case):
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    if case == "processor":
+        pipe = _sd_with(sd_pipe, lambda unet: unet.get_submodule(layer).set_processor(RenamedProcessor()))
+        message = rf"attention layer '{layer}' uses processor test_sdxl.RenamedProcessor, which diffxattn's"
+    elif case == "module":
+        pipe = _sd_with(sd_pipe, lambda unet: unet.get_submodule(layer.rsplit(".", 1)[0]).add_module(
+            "extra", OtherAttention()))
+        message = (r"attention module 'down_blocks.0.attentions.0.transformer_blocks.0.extra' is a "
+                   r"test_sdxl.OtherAttention \(processor AttnProcessor2_0\), not a diffusers Attention layer")
+    else:
+        pipe = _sd_with(sd_pipe, lambda unet: unet.get_submodule(layer.rsplit(".", 1)[0]).add_module(
+            "mha", torch.nn.MultiheadAttention(32, 2)))
+        message = r"attention module 'down_blocks.0.attentions.0.transformer_blocks.0.mha' is a torch.nn"
+    before = _processors(pipe)
+    with pytest.raises(UnsupportedAttentionError, match=message) as error:
+        with AttentionStore(pipe):
+            pass
+    assert "\n" not in str(error.value) and isinstance(error.value, ValueError)  # one line, a user error
+    with pytest.raises(UnsupportedAttentionError, match=message):
+        generate(pipe, "a (red:1.5) circle", **KW)
+    assert _untouched(pipe, before)  # nothing was installed
+
+
+def test_a_known_processor_set_by_the_user_is_covered(sd_pipe):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe = _sd_with(sd_pipe, lambda unet: unet.set_attn_processor(AttnProcessor()))  # explicit softmax
+    plain = pipe("a red circle", generator=seeded(0), **KW).images
+    with AttentionStore(pipe) as store:
+        captured = pipe("a red circle", generator=seeded(0), **KW).images
+    assert np.array_equal(plain, captured) and list(store.word_maps()) == ["a", "red", "circle"]

@@ -1,7 +1,8 @@
 """The one attention-control mechanism: a processor that hands attention probabilities to controllers.
 
-Works on any pipeline whose UNet's attention layers are diffusers `Attention` modules (XAttnUNet and
-`UNet2DConditionModel`): installing swaps the `processor` of every attention layer for a
+Works on any pipeline whose UNet's attention layers are diffusers `Attention` modules with a processor it knows
+(XAttnUNet, `UNet2DConditionModel` of Stable Diffusion and SDXL; anything else is an error naming the layer,
+`check_supported`): installing swaps the `processor` of every attention layer for a
 `ControlledProcessor` and hooks the scheduler, which tells the controllers when a run starts and a step
 ends (`steps.StepClock`); uninstalling puts everything back (`PipelineHooks`).
 
@@ -161,12 +162,59 @@ def attention_layers(unet) -> dict[str, Attention]:
     return {name: m for name, m in unet.named_modules() if isinstance(m, Attention)}
 
 
+class UnsupportedAttentionError(ValueError):
+    """A UNet has an attention layer whose probabilities the control layer cannot compute exactly."""
+
+
+# Processors that compute softmax(q k^T * scale) v from to_q/to_k/to_v as `attention_inputs` does, so the
+# probabilities a controller sees are the ones the layer uses (diffusers' names; those a release lacks are skipped).
+KNOWN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor",
+                    "AttnProcessorNPU", "FusedAttnProcessor2_0")
+
+
+def _known_processors() -> tuple[type, ...]:
+    from diffusers.models import attention_processor
+
+    from ..models.attention import SDPAProcessor
+
+    return (SDPAProcessor, *(getattr(attention_processor, n) for n in KNOWN_PROCESSORS
+                             if hasattr(attention_processor, n)))
+
+
+def check_supported(unet) -> None:
+    """Raise `UnsupportedAttentionError` naming the first attention module of `unet` the control layer does not
+    cover: a processor class it does not know (a subclass may compute anything), a diffusers `Attention` with
+    extra key/value projections or a spatial norm, or another kind of attention module. Installing a controller
+    on such a UNet would otherwise watch the wrong probabilities, or none, without a word."""
+    known = _known_processors()
+    supported = ", ".join(sorted({k.__name__ for k in known}))
+    for name, m in unet.named_modules():
+        if isinstance(m, Attention):
+            processor = type(m.processor)
+            if processor not in known:
+                raise UnsupportedAttentionError(
+                    f"attention layer {name!r} uses processor {processor.__module__}.{processor.__qualname__}, which "
+                    f"diffxattn's attention control does not know; set a supported one ({supported}) first, e.g. "
+                    "unet.set_attn_processor(AttnProcessor2_0())")
+            extra = ("added key/value projections" if getattr(m, "add_k_proj", None) is not None
+                     else "a spatial norm" if getattr(m, "spatial_norm", None) is not None else None)
+            if extra:
+                raise UnsupportedAttentionError(f"attention layer {name!r} (processor {processor.__name__}) has "
+                                                f"{extra}, which diffxattn's attention control does not support")
+        elif name and (hasattr(m, "set_processor") or isinstance(m, torch.nn.MultiheadAttention)):
+            processor = type(getattr(m, "processor", None)).__name__
+            raise UnsupportedAttentionError(
+                f"attention module {name!r} is a {type(m).__module__}.{type(m).__qualname__} (processor "
+                f"{processor}), not a diffusers Attention layer, which diffxattn's attention control does not support")
+
+
 class PipelineHooks:
     """Everything installing controllers changes on one pipeline, shared by all of them and undone when the
     last one is removed: each attention layer's processor, the scheduler's `set_timesteps`/`step` (runs and
     steps, `StepClock`), `encode_prompt` (a run's prompts) and a UNet pre-hook (latent size, guidance)."""
 
     def __init__(self, pipe):
+        check_supported(pipe.unet)  # before anything is changed: an error leaves the pipeline as it was
         self.pipe, self.unet = pipe, pipe.unet
         self.controllers: list[Controller] = []
         self.exclusive: Controller | None = None  # set by `alone`: the one controller a UNet call reaches
