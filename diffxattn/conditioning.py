@@ -345,18 +345,20 @@ def embed_weighted(pipe, prompts: list[str | TokenizedPrompt], mode: str = "comp
     of tokens weighted below 1 is also faded out of the whole prompt by lerping towards the prompt encoded
     with that run hidden from the other tokens (otherwise the later tokens of a causal text encoder still
     carry it): lerp weight tan((1 - w) * pi / 2), so w = 0.5 is half-way and w = 0 removes the run.
-    mode "a1111": z * w, then rescaled so the mean over the prompt's embeddings is unchanged.
+    mode "a1111": z * w, then rescaled so the mean over the prompt's embeddings is unchanged (Automatic1111's
+    "Original" emphasis); "a1111-no-norm": z * w alone (its "No norm").
     """
-    if mode not in ("compel", "a1111"):
-        raise ValueError(f"embedding weight mode {mode!r}; expected 'compel' or 'a1111'")
+    if mode not in ("compel", "a1111", "a1111-no-norm"):
+        raise ValueError(f"embedding weight mode {mode!r}; expected 'compel', 'a1111' or 'a1111-no-norm'")
     tokens = [prompt_tokens(pipe, p) for p in prompts]
     text = embed_texts(pipe, [t.clean for t in tokens])
     z = text.embeds
     weights = torch.tensor([t.weights for t in tokens])
     w = weights.to(z)[..., None]  # (B, S, 1)
-    if mode == "a1111":
+    if mode in ("a1111", "a1111-no-norm"):
         scaled = z * w
-        text.embeds = scaled * (z.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True))
+        text.embeds = scaled if mode == "a1111-no-norm" else scaled * (z.mean(dim=(1, 2), keepdim=True) /
+                                                                       scaled.mean(dim=(1, 2), keepdim=True))
         return text
     z_empty, _ = encode(pipe, [""] * len(prompts))
     out = torch.where(w == 1, z, z_empty + w * (z - z_empty))  # weight 1 keeps z bit for bit

@@ -26,7 +26,7 @@ from .control.guided import AttentionGuide, Guide
 from .control.steps import StepRange
 from .prompt_syntax import has_weights, parse_schedule
 
-WEIGHT_MODES = ("attention", "embedding", "embedding-a1111")
+WEIGHT_MODES = ("attention", "embedding", "embedding-a1111", "embedding-a1111-no-norm")
 
 
 def _steps(pipe, steps: int | None) -> int:
@@ -42,7 +42,9 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
 
     weight_mode "attention" scales the weighted tokens' cross-attention probabilities (in the steps
     `weight_steps`, a `StepRange`); "embedding" scales token embeddings towards/away from the empty prompt
-    (compel), "embedding-a1111" scales them and restores their mean. `guide`: attention-guided sampling
+    (compel), "embedding-a1111" scales them and restores their mean (Automatic1111's "Original" emphasis),
+    "embedding-a1111-no-norm" only scales them (its "No norm"); its "Ignore" is "attention" with
+    `weight_steps=StepRange.fraction(0, 0)`. `guide`: attention-guided sampling
     (`control.guided`), its words those of the (first) prompt. Returns the pipeline output.
     """
     if weight_mode not in WEIGHT_MODES:
@@ -55,7 +57,7 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
         embedded = embed_texts(pipe, [t.clean for t in tokens])
         weights = torch.tensor([t.weights for t in tokens])  # (prompts, S)
     else:
-        embedded = embed_weighted(pipe, tokens, "compel" if weight_mode == "embedding" else "a1111")
+        embedded = embed_weighted(pipe, tokens, "compel" if weight_mode == "embedding" else weight_mode.removeprefix("embedding-"))
         weights = torch.ones(1)
     schedule_callback = PromptSchedule(pipe, embedded.embeds, embedded.mask, prompt_of_step,
                                        pooled=embedded.pooled) if len(tokens) > 1 else None
