@@ -57,7 +57,8 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
         embedded = embed_texts(pipe, [t.clean for t in tokens])
         weights = torch.tensor([t.weights for t in tokens])  # (prompts, S)
     else:
-        embedded = embed_weighted(pipe, tokens, "compel" if weight_mode == "embedding" else weight_mode.removeprefix("embedding-"))
+        mode = "compel" if weight_mode == "embedding" else weight_mode.removeprefix("embedding-")
+        embedded = embed_weighted(pipe, tokens, mode)
         weights = torch.ones(1)
     schedule_callback = PromptSchedule(pipe, embedded.embeds, embedded.mask, prompt_of_step,
                                        pooled=embedded.pooled) if len(tokens) > 1 else None
