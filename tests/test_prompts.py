@@ -84,9 +84,9 @@ def test_parse_weights_gives_the_expected_runs(prompt, runs):
         ("[red:blue:5]", 4, "prompt editing '[a:b:when]' must be expanded by parse_schedule() first"),
     ],
 )
-def test_malformed_weights_raise_with_a_caret_under_the_column(prompt, column, problem):
+def test_malformed_weights_raise_with_a_caret_under_the_column_when_strict(prompt, column, problem):
     with pytest.raises(PromptSyntaxError) as info:
-        parse_weights(prompt)
+        parse_weights(prompt, strict=True)
     assert str(info.value).splitlines() == [f"column {column}: {problem}", prompt, " " * column + "^"]
     assert info.value.column == column
 
@@ -104,7 +104,7 @@ def test_weights_outside_the_range_are_refused_naming_it(prompt, column, weight)
 
 def test_caret_accounts_for_control_characters_shown_escaped():
     with pytest.raises(PromptSyntaxError) as info:
-        parse_weights("a\tb)")
+        parse_weights("a\tb)", strict=True)
     assert str(info.value).splitlines()[1:] == [r"a\tb)", "    ^"]
 
 
@@ -146,9 +146,9 @@ def test_parse_schedule_expands_prompt_editing(prompt, expected):
         ("[a:(b]:5]", 5, "expected ')' to close the '(' at column 3, found ']'"),
     ],
 )
-def test_malformed_schedules_raise_with_a_caret_under_the_column(prompt, column, problem):
+def test_malformed_schedules_raise_with_a_caret_under_the_column_when_strict(prompt, column, problem):
     with pytest.raises(PromptSyntaxError) as info:
-        parse_schedule(prompt, steps=10)
+        parse_schedule(prompt, steps=10, strict=True)
     assert str(info.value).splitlines() == [f"column {column}: {problem}", prompt, " " * column + "^"]
 
 

@@ -492,7 +492,7 @@ def test_a_huge_prompt_is_quoted_briefly_in_warnings_and_errors(tiny_pipe):
         conditioning.check_length(tiny_pipe.tokenizer, [prompt])
     assert len(str(caught[0].message)) < 400 and "these words are dropped: of a blue square" in str(caught[0].message)
     with pytest.raises(PromptSyntaxError) as info:
-        parse_weights(prompt + "(unclosed")
+        parse_weights(prompt + "(unclosed", strict=True)
     assert len(str(info.value)) < 400 and str(info.value).splitlines()[-1].endswith("^")
 
 

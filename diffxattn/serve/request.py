@@ -104,8 +104,8 @@ def _syntax(prompt: str, steps: int, name: str) -> None:
     from ..prompt_syntax import PromptSyntaxError
 
     try:
-        for _, text in parse_schedule(prompt, steps):
-            parse_weights(text)
+        for _, text in parse_schedule(prompt, steps, strict=True):  # the form shows the column: no lenient reading
+            parse_weights(text, strict=True)
     except PromptSyntaxError as e:
         raise FieldError(name, f"column {e.column}: {e.problem}", e.column, e.problem) from None
     except ValueError as e:
