@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from . import limits
@@ -123,12 +124,34 @@ def cmd_generate(args) -> None:
     height, width = image_size(pipe, args)
     limits.check_images(args.n, height, width)  # before one generator per image is made
     check_scale(width, height, args.scale)
-    images = generate(pipe, args.prompt, weight_mode=args.weight_mode, negative_prompt=args.negative,
+    images = generate(pipe, args.prompt, **weight_options(args.weight_mode), negative_prompt=args.negative,
                       num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.n,
                       generator=generators(args.seed, args.n), height=args.height, width=args.width,
                       guide=attention_guide(args), **guidance_options(args)).images
     for image, path in zip(images, output_paths(args.out, args.n)):
         save_image(image, path, args.scale)
+
+
+STRICT_HELP = ("a prompt longer than the text encoder reads is an error, and so is one that Automatic1111 reads "
+               "leniently (an unclosed '(' closed at the end, a stray ')' read as text), a warning otherwise")
+A1111_EMPHASIS = {"original": "embedding-a1111", "no-norm": "embedding-a1111-no-norm", "ignore": "attention"}
+WEIGHT_MODES = ("attention", "embedding", "embedding-a1111", "embedding-a1111-no-norm", *A1111_EMPHASIS)
+
+
+def weight_options(mode: str) -> dict:
+    """generate()'s keywords for --weight-mode: one of ours, or an Automatic1111 "emphasis" name: original
+    (embedding-a1111: the token embeddings scaled, their mean restored), no-norm (embedding-a1111-no-norm: scaled
+    only), ignore (weights parsed, then applied in no step)."""
+    from .control.steps import StepRange
+
+    if mode == "ignore":
+        return {"weight_mode": "attention", "weight_steps": StepRange.fraction(0, 0)}
+    return {"weight_mode": A1111_EMPHASIS.get(mode, mode)}
+
+
+def weight_mode_name(text: str) -> str:
+    """--weight-mode as typed: Automatic1111's "No norm" and "Original" are no-norm and original."""
+    return text.strip().lower().replace(" ", "-")
 
 
 def cmd_edit(args) -> None:
@@ -449,7 +472,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=GUIDANCE,
                    help="classifier-free guidance scale, 1 to 100; 1 = none (default: the pipeline's)")
     g.add_argument("--scheduler", help="ddpm, ddim, dpm-solver++, euler, euler-ancestral, heun, unipc")
-    g.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
+    g.add_argument("--strict", action="store_true", help=STRICT_HELP)
     g.add_argument("--negative", help="negative prompt")
     g.add_argument("-n", type=COUNT, default=1, help="number of images (seeds seed, seed+1, ...)")
     g.add_argument("--height", type=COUNT)
@@ -457,8 +480,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--scale", type=COUNT, default=1, help="enlarge the saved PNG by this factor (nearest)")
     add_guidance_options(g)
     add_attention_guide_options(g)
-    g.add_argument("--weight-mode", default="attention", choices=("attention", "embedding", "embedding-a1111"),
-                   help="how (word:1.5) / word++ weights act: on cross-attention or on token embeddings")
+    g.add_argument("--weight-mode", default="attention", type=weight_mode_name, choices=WEIGHT_MODES,
+                   help="how (word:1.5) / word++ weights act: on cross-attention or on token embeddings; "
+                   "Automatic1111's emphasis: original (= embedding-a1111), no-norm, ignore")
     g.add_argument("-o", "--out", default="out.png")
     g.set_defaults(func=cmd_generate)
 
@@ -474,7 +498,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--scheduler")
     add_guidance_options(e)
     add_attention_guide_options(e)
-    e.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
+    e.add_argument("--strict", action="store_true", help=STRICT_HELP)
     e.add_argument("--cross-replace", default="0.8", help="fraction of steps (0.8) or step range A:B")
     e.add_argument("--cross-replace-word", nargs="+", metavar="WORD=RANGE", help="per-word cross-replace, e.g. blue=0.3")
     e.add_argument("--self-replace", default="0.4", help="fraction of steps or A:B for self-attention maps")
@@ -502,7 +526,7 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--scheduler")
     add_guidance_options(h)
     add_attention_guide_options(h)
-    h.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
+    h.add_argument("--strict", action="store_true", help=STRICT_HELP)
     h.add_argument("--steps", default="0:1.0", help="steps to aggregate: START:END, step indices (0:10) or "
                    "fractions of the run (0.2:1.0)")
     h.add_argument("--resolutions", type=int, nargs="+", help="map resolutions to use, e.g. 16 8 (default: all)")
@@ -525,7 +549,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--guidance-interval", type=INTERVAL, metavar="A:B",
                    help="the fraction of the steps guided (default: the pipeline's)")
     i.add_argument("--scheduler", help="the sampler (inversion supports ddim)")
-    i.add_argument("--strict", action="store_true", help="a prompt longer than the text encoder reads is an error")
+    i.add_argument("--strict", action="store_true", help=STRICT_HELP)
     i.add_argument("--overwrite", action="store_true", help="replace OUT even if it is not an inversion folder")
     i.add_argument("-o", "--out", required=True, help="folder for inversion.safetensors/.json, input.png and "
                    "reconstruction.png")
@@ -608,7 +632,32 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command not in ("build", "train", "train-clip"):
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
-    return run(f"diffxattn {args.command}", lambda: args.func(args), args.debug)
+    return run(f"diffxattn {args.command}", lambda: with_prompt_warnings(args), args.debug)
+
+
+def with_prompt_warnings(args):
+    """Run the command; a prompt read leniently, as Automatic1111 reads it (an unclosed '(' closed at the end: a
+    PromptSyntaxWarning), is said once on stderr in three lines (problem, prompt, caret); with --strict it is
+    the error it warns of."""
+    from .prompt_syntax import PromptSyntaxError, PromptSyntaxWarning
+
+    shown = set()
+    with warnings.catch_warnings():
+        default = warnings.showwarning
+
+        def show(message, category, *rest):
+            if not issubclass(category, PromptSyntaxWarning):
+                return default(message, category, *rest)
+            if str(message) not in shown:  # the prompt is parsed more than once (schedule, words, heatmaps)
+                shown.add(str(message))
+                print(f"diffxattn {args.command}: warning: {message}", file=sys.stderr)
+
+        warnings.showwarning = show
+        warnings.simplefilter("error" if getattr(args, "strict", False) else "always", PromptSyntaxWarning)
+        try:
+            return args.func(args)
+        except PromptSyntaxWarning as w:
+            raise PromptSyntaxError(w.prompt, w.column, w.problem) from None
 
 
 if __name__ == "__main__":

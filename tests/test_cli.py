@@ -52,7 +52,7 @@ def test_edit_and_weighted_generate_from_the_command_line(tmp_path, tiny_pipe):
     for mode in ("attention", "embedding"):
         assert main(["generate", "a (red:1.5) [circle:square:0.5]", "--pipeline", pipe, "--steps", "3",
                      "--weight-mode", mode, "-o", str(tmp_path / f"{mode}.png")]) == 0
-    r = run_cli("generate", "a (red:1.5 circle", "--pipeline", pipe)
+    r = run_cli("generate", "a (red:1.5 circle", "--pipeline", pipe, "--strict")
     assert r.returncode == 2 and "^" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("edit", "a red circle", "--to", "a blue circle", "--pipeline", pipe, "--steps", "2",
                 "--local-blend", "circle", "--blend-threshold", "1.5")

@@ -109,7 +109,7 @@ def test_damaged_pipeline_files_are_named(saved):
 def test_cli_debug_shows_the_traceback(saved):
     r = cli("--debug", "generate", "a red circle", "--pipeline", str(saved), "--scheduler", "nope")
     assert r.returncode != 0 and "Traceback" in r.stderr
-    r = cli("generate", "a (red circle", "--pipeline", str(saved))
+    r = cli("generate", "a (red circle", "--pipeline", str(saved), "--strict")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "^" in r.stderr
     r = cli("generate", LONG, "--pipeline", str(saved), "--strict", "-o", str(saved / "x.png"))
     assert r.returncode == 2 and "dropped: yellow diamond" in r.stderr
