@@ -44,7 +44,7 @@ def _untouched(pipe, before: dict) -> bool:
     """The pipeline's processors are the ones it had, and nothing of the control layer is left on it."""
     return ({n: m.processor for n, m in attention_layers(pipe.unet).items()} == before
             and id(pipe.unet) not in _INSTALLED and "encode_prompt" not in pipe.__dict__
-            and not {"step", "set_timesteps"} & set(pipe.scheduler.__dict__) and not pipe.unet._forward_pre_hooks)
+            and not {"step", "set_timesteps", "set_begin_index"} & set(pipe.scheduler.__dict__) and not pipe.unet._forward_pre_hooks)
 
 
 def _processors(pipe) -> dict:
@@ -230,6 +230,20 @@ def test_capture_and_weights_on_the_sdxl_refiner(refiner):
         assert np.array_equal(one, plain) and np.abs(more - plain).max() > 1e-3
     removed = embed_weighted(refiner, ["a (red:0) circle"], "compel")
     assert removed.embeds.shape == (1, 16, 32) and torch.isfinite(removed.embeds).all()
+
+
+def test_the_refiners_steps_are_the_last_ones_of_the_run_its_strength_keeps(refiner):
+    """A scheduler with `set_begin_index` (SDXL's Euler) is told where image-to-image starts; DDIM is not."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        **{**refiner.components, "scheduler": EulerDiscreteScheduler.from_config(refiner.scheduler.config)},
+        requires_aesthetics_score=True)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    before = _processors(pipe)
+    with AttentionStore(pipe, steps=StepRange.fraction(0.5, 1)) as store:
+        pipe("a red circle", image=image, strength=0.5, num_inference_steps=4, output_type="np")
+    assert store.num_steps == 4 and store.steps_seen == {2, 3} and _untouched(pipe, before)
 
 
 # -- two tokenizers that disagree --

@@ -90,7 +90,8 @@ class SamplingRun:
 
 
 class StepClock:
-    """Counts a scheduler's runs and steps by wrapping its `set_timesteps` and `step` on the instance.
+    """Counts a scheduler's runs and steps by wrapping its `set_timesteps` and `step` on the instance (and
+    `set_begin_index`, by which an image-to-image pipeline starts later in the run).
 
     `on_run_start(num_steps)` and `on_step_end(step)` are called as they happen; `restore()` unwraps.
     """
@@ -99,9 +100,12 @@ class StepClock:
         self.scheduler, self.on_run_start, self.on_step_end = scheduler, on_run_start, on_step_end
         self.step, self.num_steps = 0, 1  # before any run (a UNet called by hand): step 0 of 1
         self._calls, self._total = 0, 0  # scheduler.step calls made, and due, in this run
-        self._saved = {name: scheduler.__dict__.get(name) for name in ("set_timesteps", "step")}
+        wrapped = ("set_timesteps", "step") + (("set_begin_index",) if hasattr(scheduler, "set_begin_index") else ())
+        self._saved = {name: scheduler.__dict__.get(name) for name in wrapped}
         scheduler.set_timesteps = self._wrap(scheduler.set_timesteps, self._run_started)
         scheduler.step = self._wrap(scheduler.step, self._called)
+        if "set_begin_index" in wrapped:
+            scheduler.set_begin_index = self._wrap(scheduler.set_begin_index, self._begins_later)
 
     @staticmethod
     def _wrap(method, after: Callable[[], None]):
@@ -121,6 +125,11 @@ class StepClock:
         self.step, self._calls = 0, 0
         self.num_steps = max(1, -(-self._total // self.order))  # ceil: Heun's 2n - 1 calls are n steps
         self.on_run_start(self.num_steps)
+
+    def _begins_later(self) -> None:
+        """An image-to-image pipeline skips the first timesteps (its `strength`): the run's first step is not 0."""
+        begin = getattr(self.scheduler, "begin_index", None) or 0
+        self._calls, self.step = begin, begin // self.order
 
     def _called(self) -> None:
         self._calls += 1
