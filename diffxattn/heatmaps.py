@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from . import atomic, limits
-from .conditioning import TokenizedPrompt
+from .conditioning import TokenizedPrompt, prompt_tokens, tokenizers
 from .control.store import AttentionStore, word_keys
 from .errors import short_repr
 from .images import labelled_grid, overlay
@@ -41,7 +41,7 @@ def export(out_dir: str | Path, store: AttentionStore, image: Image.Image, promp
            index: int = 0, scale: int = 8) -> dict:
     """Write every heatmap artefact of image `index` into `out_dir`; returns the maps.json content."""
     out = Path(out_dir)
-    text = TokenizedPrompt.of(store.pipe.tokenizer, prompt)
+    text = prompt_tokens(store.pipe, prompt)
     words = store.words(index, text)
     if not words:
         raise ValueError(f"the prompt {short_repr(prompt)} has no word inside the text encoder's window to map")
@@ -99,7 +99,7 @@ def maps_meta(store: AttentionStore, text: TokenizedPrompt, words: list[tuple[st
     return {
         "prompt": prompt,
         "seed": seed,
-        "tokens": store.pipe.tokenizer.convert_ids_to_tokens(text.ids),
+        "tokens": tokenizers(store.pipe)[0].convert_ids_to_tokens(text.ids),
         "words": [w for w, _ in words],
         "word_tokens": {k: pos for k, (_, pos) in zip(keys, words)},
         "resolutions": store.captured_resolutions,

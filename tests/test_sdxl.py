@@ -318,3 +318,16 @@ def test_a_known_processor_set_by_the_user_is_covered(sd_pipe):
     with AttentionStore(pipe) as store:
         captured = pipe("a red circle", generator=seeded(0), **KW).images
     assert np.array_equal(plain, captured) and list(store.word_maps()) == ["a", "red", "circle"]
+
+
+def test_heatmap_export_on_the_sdxl_refiner_reads_its_only_tokenizer(refiner, tmp_path):
+    import json
+
+    from diffxattn import heatmaps
+
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with AttentionStore(refiner) as store:
+        out = refiner("a red circle", image=image, strength=1.0, num_inference_steps=2, output_type="pil").images[0]
+    heatmaps.export(tmp_path, store, out, "a red circle")
+    meta = json.loads((tmp_path / "maps.json").read_text())
+    assert meta["words"] == ["a", "red", "circle"] and meta["tokens"][0] == "<|startoftext|>"
