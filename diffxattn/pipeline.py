@@ -6,14 +6,12 @@ saved in diffusers' folder format. `import diffxattn` makes the class resolvable
 from the folder (no `trust_remote_code`).
 """
 
-from __future__ import annotations
-
 import inspect
 import json
 import math
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -162,10 +160,12 @@ class DiffXAttnPipeline(DiffusionPipeline):
     # the embeddings and mask hold the negative rows first, then the conditional ones, as in Stable Diffusion
     _callback_tensor_inputs = ["latents", "prompt_embeds", "prompt_attention_mask"]
 
-    # default_guidance_interval is annotated as a union: diffusers' loader warns about a plain tuple annotation
+    # The config arguments' annotations are evaluated types (no `from __future__ import annotations` in this file)
+    # and default_guidance_interval's is a typing.Union: diffusers' loader warns about a plain tuple annotation, and
+    # before 0.37 it fails with a KeyError on a string annotation or an `X | Y` union.
     def __init__(self, unet, text_encoder, tokenizer, scheduler, default_steps: int = 30,
                  default_guidance_scale: float = 1.0,
-                 default_guidance_interval: tuple[float, float] | list[float] = (0.0, 1.0)):
+                 default_guidance_interval: Union[tuple[float, float], list[float]] = (0.0, 1.0)):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(default_steps=default_steps, default_guidance_scale=default_guidance_scale,
