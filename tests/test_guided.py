@@ -141,6 +141,9 @@ def test_a_guided_step_moves_the_words_attention_into_its_box(tiny_pipe, guidanc
     shares = [_share_inside(tiny_pipe, y, t, embeds, mask, "circle", LEFT) for y in (x, moved)]
     assert losses[1] < losses[0] and shares[1] > shares[0], (losses, shares)
     assert embeds.shape[0] == 1
+    # the step moves objects, never tints: each channel's mean over the image is unchanged
+    torch.testing.assert_close(moved.mean((-2, -1)), x.mean((-2, -1)), atol=1e-5, rtol=0)
+    assert float((moved - x).abs().max()) > 0.1
 
 
 def test_refinement_repeats_a_step_until_the_loss_is_low(tiny_pipe):
@@ -234,3 +237,15 @@ def test_eval_reports_guided_sets_and_box_scores(tiny_pipe):
     plain = evaluate(tiny_pipe, quick=True, sets=("two",), heatmaps=False, edits=False, guidance_scales=(2.0,),
                      steps=2)
     assert plain["config"]["guide"] is None and plain["boxes"] is None
+
+
+def test_the_box_score_uses_the_given_settings_without_words(tiny_pipe, monkeypatch):
+    import diffxattn.eval.run as run
+
+    used = []
+    monkeypatch.setattr(run, "AttentionGuide", lambda pipe, guide: used.append(guide) or AttentionGuide(pipe, guide))
+    settings = parse_options(step_size=0.03, iterations=2)  # no words: a false Guide that holds the settings
+    assert not settings
+    evaluate(tiny_pipe, quick=True, sets=("single",), heatmaps=False, edits=False, guidance_scales=(1.0,), steps=2,
+             guide=settings, boxes=1)
+    assert [(g.step_size, g.iterations, len(g.boxes)) for g in used] == [(0.03, 2, 1)]

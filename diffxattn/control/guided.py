@@ -328,7 +328,7 @@ class AttentionGuide(ControllerContext):
         super().__init__(pipe)
         self.guide, self.shared = guide, shared
         self.plans: list[_Plan] = []
-        self.checked = False
+        self.checked = self.probing = False
         self.maps: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.losses: dict[int, float] = {}
         self.tensor_inputs = (self.tensor_inputs + (["prompt_attention_mask"] if masks_padding(pipe) else [])
@@ -346,8 +346,8 @@ class AttentionGuide(ControllerContext):
             self.plans = [plan(self.pipe.tokenizer, p, self.guide) for p in run.prompts[:1 if self.shared else None]]
         self.losses = {}
 
-    def wants(self, call: AttnCall) -> bool:  # only asked inside `alone`, during this guide's own UNet calls
-        return call.cross
+    def wants(self, call: AttnCall) -> bool:  # only this guide's own UNet calls (`alone`), not sampling's
+        return call.cross and self.probing
 
     def observe(self, call: AttnCall, probs: torch.Tensor) -> None:
         b, heads, n, s = probs.shape
@@ -377,6 +377,8 @@ class AttentionGuide(ControllerContext):
                 if not todo.any():
                     break
                 grad = grad * todo.view(-1, *[1] * (grad.ndim - 1))
+            # per channel, the gradient's mean over the image only tints it (a map's loss cannot want a tint)
+            grad = grad - grad.mean((-2, -1), keepdim=True)
             if self.guide.blur > 0:
                 grad = blur(grad, self.guide.blur)
             rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(-1, *[1] * (grad.ndim - 1))
@@ -402,14 +404,18 @@ class AttentionGuide(ControllerContext):
         kwargs = {"encoder_attention_mask": mask} if mask is not None else {}
         if self.added is not None:  # SDXL: the pooled text and time ids of the same rows
             kwargs["added_cond_kwargs"] = self.added
-        with alone(pipe, self), torch.enable_grad():
-            pipe.unet(pipe.scheduler.scale_model_input(x, t), t, encoder_hidden_states=embeds, **kwargs)
-            maps = self._maps()
-            per_prompt = max(1, x.shape[0] // len(self.plans))  # rows: each prompt's images in turn
-            loss = torch.stack([self._row_loss(maps[r], self.plans[min(r // per_prompt, len(self.plans) - 1)])
-                                for r in range(x.shape[0])])
-            grad, = torch.autograd.grad(loss.sum(), x)
-        self.maps.clear()
+        self.probing = True
+        try:
+            with alone(pipe, self), torch.enable_grad():
+                pipe.unet(pipe.scheduler.scale_model_input(x, t), t, encoder_hidden_states=embeds, **kwargs)
+                maps = self._maps()
+                per_prompt = max(1, x.shape[0] // len(self.plans))  # rows: each prompt's images in turn
+                loss = torch.stack([self._row_loss(maps[r], self.plans[min(r // per_prompt, len(self.plans) - 1)])
+                                    for r in range(x.shape[0])])
+                grad, = torch.autograd.grad(loss.sum(), x)
+        finally:
+            self.probing = False
+            self.maps.clear()
         return loss.detach(), grad
 
     def _maps(self) -> torch.Tensor:

@@ -111,7 +111,7 @@ def _box_metrics(pipe, items, seeds, *, scale: float, steps: int, guide: Guide |
     the requested box, and whether the object's color and shape are right."""
     ious, correct = [], []
     for prompt, word, box in tqdm(items, desc="boxes", disable=not progress, leave=False):
-        boxed = replace(guide or Guide(), boxes=((word, box),))
+        boxed = replace(Guide() if guide is None else guide, boxes=((word, box),))  # a false Guide holds settings
         with AttentionGuide(pipe, boxed) as g:
             images = metrics.to_uint8(pipe([prompt] * len(seeds), generator=_generators(seeds), output_type="np",
                                            num_inference_steps=steps, guidance_scale=scale, **sampling,
