@@ -49,3 +49,17 @@ def sd_pipe(tmp_path_factory):
 
 def seeded(seed: int = 0, n: int = 1):
     return [torch.Generator().manual_seed(seed + k) for k in range(n)]
+
+
+def step_inputs(pipe, g, step: int, **kw):
+    """The tensors guide `g`'s step callback sees before `step` (after step - 1) of a plain run of "a red circle",
+    and that step's timestep."""
+    saved = {}
+
+    def grab(pipe, i, t, tensors):
+        saved.update(tensors if i == step - 1 else {})
+        return {}
+
+    pipe("a red circle", generator=seeded(0), callback_on_step_end=grab,
+         callback_on_step_end_tensor_inputs=g.tensor_inputs, **kw)
+    return saved, pipe.scheduler.timesteps[step]

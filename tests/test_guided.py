@@ -15,7 +15,7 @@ from diffxattn.eval.metrics import box_iou
 from diffxattn.eval.prompts import box_prompts
 from diffxattn.eval.run import evaluate
 from diffxattn.generation import edit, generate
-from conftest import seeded
+from conftest import seeded, step_inputs
 
 KW = dict(output_type="np", guidance_scale=2.0)
 LEFT, RIGHT = (slice(None), slice(0, 8)), (slice(None), slice(8, 16))
@@ -107,19 +107,6 @@ def test_without_guidance_images_and_captured_maps_are_bit_identical(tiny_pipe):
     assert np.array_equal(plain, same) and torch.equal(plain_maps, store.token_maps(0)) and g.losses == {}
 
 
-def _step_inputs(pipe, g, step: int, **kw):
-    """The tensors the step callback sees before `step` (after step - 1) of a plain 4-step run."""
-    saved = {}
-
-    def grab(pipe, i, t, tensors):
-        saved.update(tensors if i == step - 1 else {})
-        return {}
-
-    pipe("a red circle", generator=seeded(0), callback_on_step_end=grab,
-         callback_on_step_end_tensor_inputs=g.tensor_inputs, output_type="np", **kw)
-    return saved, pipe.scheduler.timesteps[step]
-
-
 def _share_inside(pipe, x, t, embeds, mask, word: str, region) -> float:
     """The share of `word`'s attention (among the words) that falls in `region`, from one UNet call."""
     with AttentionStore(pipe) as store:
@@ -133,7 +120,7 @@ def test_a_guided_step_moves_the_words_attention_into_its_box(tiny_pipe, guidanc
     guide = Guide(boxes=(("circle", (0.0, 0.0, 0.5, 1.0)),), steps=StepRange.steps(0, 4), step_size=0.5, refine=())
     with AttentionGuide(tiny_pipe, guide) as g:
         g.check(["a red circle"])
-        tensors, t = _step_inputs(tiny_pipe, g, 2, guidance_scale=guidance_scale)
+        tensors, t = step_inputs(tiny_pipe, g, 2, guidance_scale=guidance_scale, output_type="np")
         x = tensors["latents"]
         embeds, mask = g._text(tensors, 1)  # the conditional row, under guidance and without
         moved = g.callback(tiny_pipe, 1, t, tensors)["latents"]
@@ -150,7 +137,7 @@ def test_refinement_repeats_a_step_until_the_loss_is_low(tiny_pipe):
     guide = Guide(excite=("circle",), steps=StepRange.steps(0, 4), step_size=0.3, iterations=4, refine=((0.5, 0.99),))
     with AttentionGuide(tiny_pipe, guide) as g:
         g.check(["a red circle"])
-        tensors, t = _step_inputs(tiny_pipe, g, 2, guidance_scale=2.0)
+        tensors, t = step_inputs(tiny_pipe, g, 2, guidance_scale=2.0, output_type="np")
         x = tensors["latents"]
         embeds, mask = g._text(tensors, 1)
         out = g.callback(tiny_pipe, 1, t, tensors)["latents"]  # step 2 of 4 refines: up to 4 gradient steps

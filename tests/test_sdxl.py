@@ -21,7 +21,7 @@ from diffxattn.control.guided import AttentionGuide, Guide
 from diffxattn.control.processor import UnsupportedAttentionError, _INSTALLED
 from diffxattn.generation import WEIGHT_MODES, edit, generate
 from diffxattn.models import text as text_mod
-from conftest import seeded
+from conftest import seeded, step_inputs
 
 KW = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np")
 
@@ -178,26 +178,13 @@ def test_local_blend_on_sdxl_keeps_the_source_outside_the_mask(sdxl):
     assert not torch.equal(latents[1], latents[0])
 
 
-def _step_inputs(pipe, g, step: int, **kw):
-    """The tensors the step callback sees before `step` (after step - 1) of a plain run."""
-    saved = {}
-
-    def grab(pipe, i, t, tensors):
-        saved.update(tensors if i == step - 1 else {})
-        return {}
-
-    pipe("a red circle", generator=seeded(0), callback_on_step_end=grab,
-         callback_on_step_end_tensor_inputs=g.tensor_inputs, **kw)
-    return saved, pipe.scheduler.timesteps[step]
-
-
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
 def test_guidance_on_sdxl_lowers_its_loss_with_and_without_classifier_free_guidance(sdxl, guidance_scale):
     kw = dict(num_inference_steps=4, guidance_scale=guidance_scale, output_type="np")
     guide = Guide(excite=("circle",), steps=StepRange.steps(0, 4), step_size=0.3, refine=())
     with AttentionGuide(sdxl, guide) as g:
         g.check(["a red circle"])
-        tensors, t = _step_inputs(sdxl, g, 2, **kw)
+        tensors, t = step_inputs(sdxl, g, 2, **kw)
         assert set(g.tensor_inputs) >= {"add_text_embeds", "add_time_ids"}
         x = tensors["latents"]
         embeds, mask = g._text(tensors, 1)
