@@ -101,11 +101,12 @@ def test_speed_compares_ours_with_two_diffusers_unets_of_matched_size(tmp_path):
         assert len(p["top"]) == 10 and all(t["self_cpu_ms"] >= 0 for t in p["top"])
 
 
-def test_attention_tools_measures_capture_edit_and_store_memory(tmp_path):
+def test_attention_tools_measures_capture_edit_guided_and_store_memory(tmp_path):
     data = run_quick("bench_attention_tools", tmp_path)
     check_common(data, "attention_tools")
     rows = {r["metric"]: r for r in data["comparisons"]}
-    assert set(rows) == {"capture", "edit", "store memory"}
+    assert set(rows) == {"capture", "edit", "guided", "store memory"}
+    assert rows["guided"]["target"] == "<= 3" and rows["guided"]["ratio"] > 1  # a gradient pass costs time
     assert rows["store memory"]["ratio"] == 1.0 and rows["store memory"]["met"]  # summed maps: no growth
 
 

@@ -7,9 +7,10 @@ diffusers' UNet2DConditionModel): before the UNet predicts step s, the latents x
     x_s <- x_s - step_size * sqrt(1 - s / (2 n)) * grad L(maps(x_s)) / rms(grad L)
 
 where `maps` are the conditional prompt's cross-attention probabilities at one resolution (16x16 when the UNet has
-it, as Attend-and-Excite), averaged over heads and layers, and L the sum of the objectives. The gradient is
-normalized per image, so `step_size` is the RMS change of the latents per gradient step, whatever the loss's scale
-(Attend-and-Excite's raw gradient needs a step size tuned to each model and loss):
+it, as Attend-and-Excite), averaged over heads and layers, and L the sum of the objectives. The gradient loses
+its per-channel mean over the image (that part only tints the image) and is normalized per image, so `step_size`
+is the RMS change of the latents per gradient step, whatever the loss's scale (Attend-and-Excite's raw gradient
+needs a step size tuned to each model and loss):
 
     excite  every named word gets a strong peak in its map (Attend-and-Excite: 1 - max of the smoothed map)
     bind    an attribute's map lies on its noun's and off the other nouns' (Divide & Bind: JS divergence;
@@ -64,7 +65,6 @@ class Guide:
     temperature: float | None = None  # `text_maps`: None shares, 0.01 is Attend-and-Excite's softmax
     box_weight: float = 1.0
     top_k: float = 0.2  # BoxDiff's P: the fraction of a region's cells whose mean is scored
-    blur: float = 0.0  # Gaussian sigma (latent pixels) the gradient is blurred with: 0 = not blurred
 
     def __post_init__(self):
         object.__setattr__(self, "steps", StepRange.of(self.steps))
@@ -167,15 +167,6 @@ def smooth(m: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
     kernel = (g[:, None] * g[None]) / (g.sum() ** 2)
     padded = F.pad(m[None, None], (1, 1, 1, 1), mode="reflect")
     return F.conv2d(padded, kernel[None, None])[0, 0]
-
-
-def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """A separable Gaussian blur of (B, C, H, W) with standard deviation `sigma` pixels (reflected edges)."""
-    radius = max(1, min(int(3 * sigma + 0.5), min(x.shape[-2:]) - 1))
-    k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) ** 2) / (2 * sigma ** 2))
-    k = (k / k.sum()).repeat(x.shape[1], 1, 1, 1)  # (C, 1, 1, K): depthwise
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k, groups=x.shape[1])
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.transpose(2, 3), groups=x.shape[1])
 
 
 def excite_loss(word_maps: list[torch.Tensor]) -> torch.Tensor:
@@ -379,8 +370,6 @@ class AttentionGuide(ControllerContext):
                 grad = grad * todo.view(-1, *[1] * (grad.ndim - 1))
             # per channel, the gradient's mean over the image only tints it (a map's loss cannot want a tint)
             grad = grad - grad.mean((-2, -1), keepdim=True)
-            if self.guide.blur > 0:
-                grad = blur(grad, self.guide.blur)
             rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(-1, *[1] * (grad.ndim - 1))
             x = x - size * (grad / rms).expand_as(x)
         return {"latents": x.detach()}
