@@ -630,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args, extra = p.parse_known_args(argv)
     if extra and args.command not in ("build", "train", "train-clip"):
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
+        dash = " (a prompt that starts with '-' goes last, after --)" if any(e.startswith("-") for e in extra) else ""
+        OneLineParser(prog=f"diffxattn {args.command}").error(f"unrecognized arguments: {' '.join(extra)}{dash}")
     args.overrides = extra
     return run(f"diffxattn {args.command}", lambda: with_prompt_warnings(args), args.debug)
 

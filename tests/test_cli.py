@@ -133,3 +133,15 @@ def test_pipeline_refuses_a_bad_guidance_rescale_or_interval(tiny_pipe):
                             (dict(guidance_interval=(0.5,)), "must be two fractions (START, END)")):
         with pytest.raises(LimitError, match=re.escape(message)):
             tiny_pipe("a red circle", num_inference_steps=2, guidance_scale=2.0, **kwargs)
+
+
+def test_an_unknown_argument_is_the_commands_one_line_error(capsys):
+    for argv in (["heatmap", "-o", "maps", "-:"], ["generate", "a red circle", "-o", "x.png", "--no-such-option"]):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"diffxattn {argv[0]}: error: unrecognized arguments: {argv[-1]}"), err
+    assert "after --" in err[0]  # a prompt starting with '-' is the likely mistake
