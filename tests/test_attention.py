@@ -1,7 +1,10 @@
 import torch
 
+from diffxattn import DiffXAttnPipeline, make_scheduler
+from diffxattn.control.processor import attention_layers
+from diffxattn.models import attention
 from diffxattn.models.attention import TransformerBlock, attention_inputs, attention_probs, make_attention
-from conftest import tiny_unet
+from conftest import seeded, tiny_unet
 
 
 def test_padded_tokens_get_exactly_zero_probability():
@@ -57,3 +60,73 @@ def test_zero_gate_makes_cross_attention_the_identity():
         assert torch.equal(block(h, ctx_a), without(h))
         block.gate.fill_(0.5)  # an open gate lets the text in
         assert not torch.allclose(block(h, ctx_a), block(h, ctx_b))
+
+
+def _pipe(tiny_text):
+    tokenizer, encoder = tiny_text
+    pipe = DiffXAttnPipeline(tiny_unet(), encoder, tokenizer, make_scheduler("ddim"), default_steps=4,
+                             default_guidance_scale=3.0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _counting(monkeypatch, cache: bool) -> list:
+    """Count how often the text's keys and values are computed; `cache=False` computes them at every call."""
+    calls = []
+    compute = attention._keys_values
+
+    def counted(*args):
+        calls.append(1)
+        return compute(*args)
+
+    monkeypatch.setattr(attention, "_keys_values", counted)
+    if not cache:
+        monkeypatch.setattr(attention, "text_keys_values", lambda attn, text, fn: fn())
+    return calls
+
+
+def _run(pipe):
+    return pipe(["a red circle at the left", "a blue square"], generator=seeded(0, 2), output_type="pt").images
+
+
+def test_text_keys_values_are_computed_once_per_run_and_images_are_bit_identical(tiny_text, monkeypatch):
+    pipe = _pipe(tiny_text)
+    names = list(attention_layers(pipe.unet))
+    layers, self_layers = sum(n.endswith("attn2") for n in names), sum(n.endswith("attn1") for n in names)
+    with monkeypatch.context() as m:
+        uncached_calls = _counting(m, cache=False)
+        uncached = _run(pipe)
+    cached_calls = _counting(monkeypatch, cache=True)
+    cached = _run(pipe)
+    # self-attention's keys and values come from the image: computed at each of the 4 steps either way
+    assert len(uncached_calls) == (layers + self_layers) * 4
+    assert len(cached_calls) == layers + self_layers * 4  # the text's: once per layer for the run
+    assert torch.equal(cached, uncached)
+    _run(pipe)  # a new run encodes its prompts again: a new text tensor, computed once more per layer
+    assert len(cached_calls) == 2 * (layers + self_layers * 4)
+
+
+def test_text_keys_values_follow_weight_changes(tiny_text, monkeypatch):
+    pipe = _pipe(tiny_text)
+    text = torch.randn(2, 5, 32)
+    original = text.clone()
+    x = torch.randn(2, 3, 16, 16)
+    attn = pipe.unet.down_blocks[0].attentions[0].attn2
+    with torch.no_grad():
+        before = pipe.unet(x, 10, text).sample
+        attn.to_k.weight.mul_(1.5)  # in place, as an optimizer step or load_state_dict does
+        after = pipe.unet(x, 10, text).sample
+        text.add_(0.1)  # the text itself changed in place
+        changed_text = pipe.unet(x, 10, text).sample
+        monkeypatch.setattr(attention, "text_keys_values", lambda attn, text, fn: fn())
+        assert torch.equal(after, pipe.unet(x, 10, original).sample)
+        assert torch.equal(changed_text, pipe.unet(x, 10, text).sample)
+    assert not torch.equal(before, after)
+
+
+def test_text_keys_values_are_not_cached_with_autograd(tiny_text):
+    unet = tiny_unet()
+    text = torch.randn(1, 5, 32)
+    unet(torch.randn(1, 3, 16, 16), 10, text).sample.sum().backward()
+    assert unet.down_blocks[0].attentions[0].attn2.to_k.weight.grad.abs().sum() > 0
+    assert not any(attn in attention._TEXT_KV for attn in unet.modules())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -69,12 +70,51 @@ def attention_inputs(
     def heads(x: torch.Tensor) -> torch.Tensor:  # (B, T, heads*d) -> (B, heads, T, d)
         return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
 
-    q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(context)), heads(attn.to_v(context))
+    q = heads(attn.to_q(hidden_states))
     if attn.norm_q is not None:
         q = attn.norm_q(q)
+    k, v = text_keys_values(attn, encoder_hidden_states, lambda: _keys_values(attn, context, heads))
+    return AttentionInputs(q, k, v, key_mask(attention_mask, batch), residual, shape4d)
+
+
+def _keys_values(attn: Attention, context: torch.Tensor, heads) -> tuple[torch.Tensor, torch.Tensor]:
+    k, v = heads(attn.to_k(context)), heads(attn.to_v(context))
     if attn.norm_k is not None:
         k = attn.norm_k(k)
-    return AttentionInputs(q, k, v, key_mask(attention_mask, batch), residual, shape4d)
+    return k, v
+
+
+def _kv_key(attn: Attention, text: torch.Tensor) -> tuple:
+    """What the text's keys and values depend on: the text tensor (same object, unmodified) and the weights of
+    every module between it and them (each parameter object and its in-place version: an optimizer step or
+    `load_state_dict` bumps it)."""
+    modules = (attn.to_k, attn.to_v, attn.norm_k, attn.norm_cross if attn.norm_cross else None)
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    return (text._version, tuple((id(p), p._version) for p in params))
+
+
+def text_keys_values(attn: Attention, text: torch.Tensor | None, compute) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention keys and values of `text`, computed once per sampling run instead of at every step.
+
+    The pipeline passes the same text tensor to every UNet call of a run, so each layer keeps the keys and values
+    of the last text it saw (a weak reference to the tensor, its version and its weights' versions) and reuses
+    them while all are unchanged. Only without autograd (training needs the graph) and outside torch.compile;
+    self-attention (no text) and inference-mode tensors (no version counter) compute them every time. The cached
+    tensors are the ones `compute()` returned, so images are bit-identical with and without the cache.
+    """
+    if text is None or torch.is_grad_enabled() or text.is_inference() or torch.compiler.is_compiling():
+        return compute()
+    key = _kv_key(attn, text)
+    cached = _TEXT_KV.get(attn)
+    if cached is not None and cached[0]() is text and cached[1] == key:
+        return cached[2]
+    kv = compute()
+    _TEXT_KV[attn] = (weakref.ref(text), key, kv)
+    return kv
+
+
+# layer -> (weak reference to the text, _kv_key, (k, v)); outside the modules, so they stay picklable
+_TEXT_KV: "weakref.WeakKeyDictionary[Attention, tuple]" = weakref.WeakKeyDictionary()
 
 
 def attention_output(attn: Attention, out: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
