@@ -6,8 +6,8 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from diffxattn import DiffXAttnPipeline
-from conftest import seeded
+from diffxattn import DiffXAttnPipeline, make_scheduler
+from conftest import seeded, tiny_unet
 
 
 def test_same_seed_gives_identical_bits(tiny_pipe):
@@ -81,3 +81,39 @@ def test_save_and_load_round_trip_bit_for_bit(tiny_pipe, tmp_path):
 def test_bad_input_names_the_value(tiny_pipe, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         tiny_pipe(**kwargs)
+
+
+def test_compiled_unet_samples_plain_runs_and_controlled_runs_use_the_eager_unet(tiny_text, monkeypatch):
+    from diffxattn.control import AttentionStore
+
+    tokenizer, encoder = tiny_text
+    pipe = DiffXAttnPipeline(tiny_unet(), encoder, tokenizer, make_scheduler("ddim"), default_steps=3)
+    pipe.set_progress_bar_config(disable=True)
+    eager = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt").images
+    calls = []
+
+    def fake_compile(unet, **options):  # a stand-in that records the calls it gets (compiling takes minutes)
+        def compiled(*args, **kwargs):
+            calls.append(options)
+            return unet(*args, **kwargs)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    assert pipe.compile_unet(mode="reduce-overhead") is pipe
+    plain = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert calls == [{"mode": "reduce-overhead"}] * 3 and torch.equal(plain, eager)
+    with AttentionStore(pipe) as store:
+        pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert len(calls) == 3  # the store's run went to the eager UNet, whose processors it replaced
+    assert store.nbytes() > 0  # and it captured the maps
+
+
+@pytest.mark.slow
+def test_compiled_unet_matches_the_eager_images(tiny_text):
+    tokenizer, encoder = tiny_text
+    pipe = DiffXAttnPipeline(tiny_unet(), encoder, tokenizer, make_scheduler("ddim"), default_steps=3,
+                             default_guidance_scale=3.0)
+    pipe.set_progress_bar_config(disable=True)
+    eager = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt").images
+    compiled = pipe.compile_unet()("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)

@@ -302,6 +302,11 @@ def uninstall(pipe, controller: Controller) -> None:
         del _INSTALLED[key]
 
 
+def controlled(unet) -> bool:
+    """Whether any controller is installed on `unet` (its processors and hooks replaced)."""
+    return id(unet) in _INSTALLED
+
+
 def step_clock(pipe) -> StepClock:
     """The run and step counter of `pipe`, for a controller that also hooks other modules (e.g. ResBlocks);
     valid from the controller's `begin` until its `end`."""

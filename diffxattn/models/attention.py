@@ -102,7 +102,7 @@ def text_keys_values(attn: Attention, text: torch.Tensor | None, compute) -> tup
     self-attention (no text) and inference-mode tensors (no version counter) compute them every time. The cached
     tensors are the ones `compute()` returned, so images are bit-identical with and without the cache.
     """
-    if text is None or torch.is_grad_enabled() or text.is_inference() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or text is None or torch.is_grad_enabled() or text.is_inference():
         return compute()
     key = _kv_key(attn, text)
     cached = _TEXT_KV.get(attn)
@@ -231,7 +231,12 @@ class TransformerBlock(nn.Module):
     ) -> torch.Tensor:
         b, c, height, width = h.shape
         x = h.flatten(2).transpose(1, 2)  # (B, HW, C)
-        pos = sincos_2d(height, width, c, x.device, x.dtype) if self.query_pos_embed else 0.0
+        if not self.query_pos_embed:
+            pos = 0.0
+        elif torch.compiler.is_compiling():  # a constant of the compiled graph (the lru_cache would break it)
+            pos = sincos_2d.__wrapped__(height, width, c, x.device, x.dtype)
+        else:
+            pos = sincos_2d(height, width, c, x.device, x.dtype)
         if self.attn1 is not None:
             x = x + self.attn1(self.norm1(x) + pos)
         if self.attn2 is not None:
