@@ -80,7 +80,7 @@ def run(args) -> dict:
             times["plain"],
             times["capture"],
             "s/image",
-            ("<=", 1.15),
+            ("<=", 1.05),
         ),
         common.comparison(
             "edit",
@@ -89,7 +89,7 @@ def run(args) -> dict:
             times["plain"],
             times["edit"],
             "s/call",
-            ("<=", 2.2),
+            ("<=", 2.05),
         ),
     ]
     rows.append(

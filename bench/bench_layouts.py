@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -37,12 +36,6 @@ def unet(config: Path) -> torch.nn.Module:
     return build_unet(load_config(config).model, common.TEXT_DIM)
 
 
-def flop_per_image(step: common.TrainStep, batch: int) -> float:
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops() / batch
-
-
 def main(argv=None) -> dict:
     p = common.argument_parser(__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", type=Path, default=DEFAULT_CONFIGS, help="experiment configs (first: reference)")
@@ -52,7 +45,7 @@ def main(argv=None) -> dict:
     names = [c.stem for c in args.configs]
     models = {n: unet(c) for n, c in zip(names, args.configs, strict=True)}
     steps = {n: common.TrainStep(m, s["batch"]) for n, m in models.items()}
-    flops = {n: flop_per_image(step, s["batch"]) for n, step in steps.items()}
+    flops = {n: common.count_flops(step) / s["batch"] for n, step in steps.items()}
     times = common.interleaved(steps, warmup=s["warmup"], repeats=s["repeats"])
     ref = names[0]
     rows = [common.comparison("train step", n, ref, times[n], times[ref], "s/image", per=s["batch"]) for n in names[1:]]

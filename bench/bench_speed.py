@@ -6,13 +6,16 @@ Three models within +-10% parameters, same channels (see bench/common.py): ours,
 blocks at every level, diffusers with CrossAttn blocks only at 16x16 and 8x8. Train: forward + backward +
 AdamW on a (32, 3, 32, 32) fp32 batch with (32, 24, 128) text embeddings. Sampling: a real DiffXAttnPipeline,
 30 DDIM steps, guidance 3 (batch-2 UNet calls), one image. Also (no target) UNet forward time per image at a
-few batch sizes, which shows why the sampling ratio differs from the training one.
+few batch sizes, which shows why the sampling ratio differs from the training one. Sampling also with ours
+compiled (`pipe.compile_unet()`; not in --quick). FLOP per image (torch's counter) and achieved GFLOP/s of
+each loop next to the machine's matrix-multiply peak, measured in the same run.
 ratio = other's seconds / ours (= our speed-up).
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 NAME = "speed"
-TARGETS = {"diffusers-all": 5.0, "diffusers-low": 2.0}
+TARGETS = {  # ratio = other's time / ours
+    "train": {"diffusers-all": 5.0, "diffusers-low": 2.0},
+    "sample": {"diffusers-all": 6.0, "diffusers-low": 2.5},
+}
+TRAIN_PEAK_TARGET = 0.60  # ours' training step, share of the machine's matrix-multiply speed
 
 
 def settings(quick: bool) -> dict:
@@ -43,6 +50,7 @@ def settings(quick: bool) -> dict:
             profile_batch=1,
             profile_steps=1,
             max_profiles=1,
+            compiled=False,  # compiling takes minutes; tests/test_pipeline.py checks compile_unet itself
         )
     # sampling warm-up: 2 short runs (3 UNet calls each), enough to settle the allocator and oneDNN primitives
     return dict(
@@ -60,6 +68,7 @@ def settings(quick: bool) -> dict:
         profile_batch=32,
         profile_steps=3,
         max_profiles=6,
+        compiled=True,
     )
 
 
@@ -76,45 +85,45 @@ def run(args) -> dict:
         flush=True,
     )
 
+    peak = [common.matmul_peak()]
     steps = {n: common.TrainStep(m, s["train_batch"], s["size"]) for n, m in models.items()}
     train = common.interleaved(steps, warmup=s["train_warmup"], repeats=s["train_repeats"])
+    train_flops = {n: common.count_flops(step) / s["train_batch"] for n, step in steps.items()}
     del steps, models
 
     pipes = {n: common.build_pipe(common.build_model(n), steps=s["sample_steps"]) for n in names}
+    sample_flops = {n: common.count_flops(lambda p=p: common.sample(p, s["sample_steps"], s["size"]))
+                    for n, p in pipes.items()}
+    sides = dict(pipes)
+    if s["compiled"]:  # the same weights as `ours`, compiled during the warm-up runs
+        sides["ours-compiled"] = common.build_pipe(common.build_model("ours"), steps=s["sample_steps"]).compile_unet()
+    started = time.perf_counter()
     sampling = common.interleaved(
-        {n: (lambda p=p: common.sample(p, s["sample_steps"], s["size"])) for n, p in pipes.items()},
-        warm={n: (lambda p=p: common.sample(p, s["warmup_steps"], s["size"])) for n, p in pipes.items()},
+        {n: (lambda p=p: common.sample(p, s["sample_steps"], s["size"])) for n, p in sides.items()},
+        warm={n: (lambda p=p: common.sample(p, s["warmup_steps"], s["size"])) for n, p in sides.items()},
         warmup=s["sample_warmup"],
         repeats=s["sample_repeats"],
     )
+    print(f"sampling, warm-up (with compilation) included: {time.perf_counter() - started:.0f} s", flush=True)
+    peak.append(common.matmul_peak())
 
     rows = []
-    for other, target in TARGETS.items():
-        rows.append(
-            common.comparison(
-                "train",
-                "ours",
-                other,
-                train["ours"],
-                train[other],
-                "s/image",
-                (">=", target),
-                per=s["train_batch"],
-            )
-        )
-        rows.append(
-            common.comparison(
-                "sample", "ours", other, sampling["ours"], sampling[other], "s/image", (">=", target), per=1
-            )
-        )
+    for other in TARGETS["train"]:
+        rows.append(common.comparison("train", "ours", other, train["ours"], train[other], "s/image",
+                                      (">=", TARGETS["train"][other]), per=s["train_batch"]))
+    for ours in [n for n in ("ours", "ours-compiled") if n in sampling]:
+        for other in TARGETS["sample"]:
+            rows.append(common.comparison("sample", ours, other, sampling[ours], sampling[other], "s/image",
+                                          (">=", TARGETS["sample"][other]), per=1))
     for batch in s["forward_batches"]:
         fwd = forward_times({n: p.unet for n, p in pipes.items()}, batch, s)
-        for other in TARGETS:
+        for other in TARGETS["sample"]:
             rows.append(
                 common.comparison(
                     "forward", "ours", other, fwd["ours"], fwd[other], "s/image", per=batch, batch=batch
                 )
             )
+    flops = efficiency(train, sampling, train_flops, sample_flops, max(peak), s)
     profiles = profile_misses(rows, s, pipes)
     return {
         "benchmark": NAME,
@@ -130,8 +139,29 @@ def run(args) -> dict:
             for n in names
         },
         "comparisons": rows,
+        "matmul_peak_gflop_per_s": max(peak),
+        "efficiency": flops,
         "profiles": profiles,
     }
+
+
+def efficiency(train: dict, sampling: dict, train_flops: dict, sample_flops: dict, peak: float, s: dict) -> list:
+    """FLOP per image and achieved GFLOP/s (FLOP / median time) of each side's training step and sampling run,
+    as a share of the machine's matrix-multiply peak; ours' training step has a target."""
+    rows = []
+    for n, t in train.items():
+        gflops = train_flops[n] * s["train_batch"] / common.median(t) / 1e9
+        row = {"loop": "train", "model": n, "gflop_per_image": train_flops[n] / 1e9, "gflop_per_s": gflops,
+               "share_of_peak": gflops / peak}
+        if n == "ours":
+            row.update(target=f">= {TRAIN_PEAK_TARGET:g}", met=gflops / peak >= TRAIN_PEAK_TARGET)
+        rows.append(row)
+    for n, t in sampling.items():
+        f = sample_flops[n.removesuffix("-compiled")]
+        gflops = f / common.median(t) / 1e9
+        rows.append({"loop": "sample", "model": n, "gflop_per_image": f / 1e9, "gflop_per_s": gflops,
+                     "share_of_peak": gflops / peak})
+    return rows
 
 
 @torch.no_grad()
@@ -201,7 +231,8 @@ def markdown(data: dict) -> str:
             f"text (B, 24, 128); {s['train_warmup']} warm-up + {s['train_repeats']} timed steps per model, "
             f"interleaved. Sample: DiffXAttnPipeline, {s['sample_steps']} DDIM steps, guidance 3 "
             f"(batch-2 UNet calls), 1 image; {s['sample_warmup']} warm-up + {s['sample_repeats']} timed "
-            "runs, interleaved. "
+            "runs, interleaved; `compiled`: ours after `pipe.compile_unet()` (torch.compile, compiled in its "
+            "warm-up runs). "
             f"Forward (no target): one UNet call at batch B, {s['forward_repeats']} timed calls. Medians; "
             "ratio = other's time / ours."
         ),
@@ -217,7 +248,8 @@ def markdown(data: dict) -> str:
             )
         else:
             measure = (
-                "sample (s/image)" if r["metric"] == "sample" else f"forward, batch {r['batch']} (ms/image)"
+                f"sample{', compiled' if r['ours'] == 'ours-compiled' else ''} (s/image)"
+                if r["metric"] == "sample" else f"forward, batch {r['batch']} (ms/image)"
             )
             scale = 1 if r["metric"] == "sample" else 1000
             ours, theirs = f"{r['ours_value'] * scale:.3g}", f"{r['other_value'] * scale:.3g}"
@@ -228,6 +260,23 @@ def markdown(data: dict) -> str:
         )
     headers = ["measure", "other", "ours", "other's", "ratio", "per-round ratios", "target", "met"]
     lines.append(common.markdown_table(headers, table))
+    lines += [
+        "",
+        f"## FLOP per image and achieved speed (machine's fp32 matrix-multiply peak: "
+        f"{data['matmul_peak_gflop_per_s']:.0f} GFLOP/s, best 1024x1024 product at this thread count, "
+        "measured in this run)",
+        "",
+        "FLOP: torch's FLOP counter (matrix multiplies, convolutions, attention). Train: one step (forward + "
+        f"backward) per image at batch {s['train_batch']}; sample: one {s['sample_steps']}-step image with "
+        "guidance (2 rows per step).",
+        "",
+        common.markdown_table(
+            ["loop", "model", "GFLOP / image", "GFLOP/s", "share of peak", "target", "met"],
+            [[e["loop"], e["model"], f"{e['gflop_per_image']:.2f}", f"{e['gflop_per_s']:.1f}",
+              f"{e['share_of_peak']:.0%}", e.get("target", ""),
+              "" if "met" not in e else "yes" if e["met"] else "**no**"] for e in data["efficiency"]],
+        ),
+    ]
     for p in data["profiles"]:
         what = (
             f"{s['profile_batch']}-image train step"

@@ -285,6 +285,26 @@ def comparison(
     return row
 
 
+# -- FLOP --
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOP of one fn() by torch's FLOP counter (matrix multiplies, convolutions, attention; forward and
+    backward; pointwise ops count 0)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(size: int = 1024, repeats: int = 10) -> float:
+    """The machine's fp32 matrix-multiply speed (GFLOP/s) at the current thread count: the best of `repeats`
+    size x size products, the yardstick for a model's achieved GFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
 # -- memory --
 def rss_mb(field: str = "VmHWM") -> float:
     """This process's resident memory from /proc/self/status: VmHWM = peak so far, VmRSS = now (MiB)."""

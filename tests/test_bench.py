@@ -99,6 +99,18 @@ def test_speed_compares_ours_with_two_diffusers_unets_of_matched_size(tmp_path):
         assert ("target" in r) == (r["metric"] != "forward")  # forward rows only explain the sampling ratio
     for p in data["profiles"]:  # only for missed targets; quick sizes usually miss them
         assert len(p["top"]) == 10 and all(t["self_cpu_ms"] >= 0 for t in p["top"])
+    peak = data["matmul_peak_gflop_per_s"]
+    assert peak > 0
+    assert {(e["loop"], e["model"]) for e in data["efficiency"]} == {
+        (loop, m) for loop in ("train", "sample") for m in params
+    }
+    for e in data["efficiency"]:
+        assert e["gflop_per_image"] > 0 and e["share_of_peak"] == pytest.approx(e["gflop_per_s"] / peak)
+        assert ("met" in e) == (e["loop"] == "train" and e["model"] == "ours")
+    flops = {(e["loop"], e["model"]): e["gflop_per_image"] for e in data["efficiency"]}
+    # a training image is a forward and a backward (about 3 forwards); a sampled one 2 rows x steps forwards
+    assert flops["train", "ours"] / flops["sample", "ours"] == pytest.approx(3 / (2 * s["sample_steps"]), rel=0.2)
+    assert "| train | ours |" in (tmp_path / "speed.md").read_text()
 
 
 def test_attention_tools_measures_capture_edit_guided_and_store_memory(tmp_path):

@@ -115,16 +115,18 @@ class ControlledProcessor:
         self.controllers = hooks.controllers
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        out = self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                            attention_mask=attention_mask, **kwargs)
         controllers = [self.hooks.exclusive] if self.hooks.exclusive else self.controllers
-        if not controllers:
-            return out
-        call = self.hooks.call(self.name, attn, hidden_states)
+        call = self.hooks.call(self.name, attn, hidden_states) if controllers else None
         active = [c for c in controllers if c.wants(call)]
-        if not active:
-            return out
+        attend = getattr(self.original, "attend", None)  # ours: the output from inputs computed once, below
+        if not active or attend is None or kwargs:
+            out = self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                attention_mask=attention_mask, **kwargs)
+            if not active:
+                return out
         inputs = attention_inputs(attn, hidden_states, encoder_hidden_states, attention_mask)
+        if attend is not None and not kwargs:
+            out = attend(attn, inputs)
         editors = [c for c in active if c.edits]
         if not editors:  # observe only: probabilities of the conditional rows, output untouched
             probs = attention_probs(_rows(inputs, call.cond_start), attn.scale)

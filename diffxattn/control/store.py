@@ -76,18 +76,15 @@ class AttentionStore(ControllerContext):
         self.steps_seen.add(call.step)
         p = probs.detach().float()  # (rows, heads, N, S)
         key = (call.height, call.width)
-        kept = p.mean(1, keepdim=True) if self.heads == "mean" else p
-        self.sums[key] = self.sums[key] + kept if key in self.sums else kept.clone()
-        self.counts[key] += 1
         mean_heads = p.mean(1)  # (rows, N, S)
+        _accumulate(self.sums, key, mean_heads[:, None] if self.heads == "mean" else p)
+        self.counts[key] += 1
         if self.step_bins:
-            b = (call.step * self.step_bins) // max(call.num_steps, 1)
-            k = (b, key)
-            self.bin_sums[k] = self.bin_sums[k] + mean_heads if k in self.bin_sums else mean_heads.clone()
+            k = ((call.step * self.step_bins) // max(call.num_steps, 1), key)
+            _accumulate(self.bin_sums, k, mean_heads)
             self.bin_counts[k] += 1
         if self.per_layer:
-            ls = self.layer_sums
-            ls[call.layer] = ls[call.layer] + mean_heads if call.layer in ls else mean_heads.clone()
+            _accumulate(self.layer_sums, call.layer, mean_heads)
             self.layer_counts[call.layer] += 1
             self.layer_hw[call.layer] = key
 
@@ -212,3 +209,11 @@ def words_to_maps(words: list[tuple[str, list[int]]], tokens: torch.Tensor, norm
     elif normalize == "minmax":
         maps = [(m - m.min()) / (m.max() - m.min()).clamp_min(1e-12) for m in maps]
     return dict(zip(word_keys([w for w, _ in words]), maps))
+
+
+def _accumulate(sums: dict, key, value: torch.Tensor) -> None:
+    """sums[key] += value, in place (a copy the first time: `value` may be a view of the caller's tensor)."""
+    if key in sums:
+        sums[key].add_(value)
+    else:
+        sums[key] = value.clone()
