@@ -372,7 +372,7 @@ class DiffXAttnPipeline(DiffusionPipeline):
 
     def compile_unet(self, **options) -> "DiffXAttnPipeline":
         """Sample with a `torch.compile`d UNet: inductor fuses GroupNorm+SiLU and the other small ops and removes
-        the Python between layers; measured 1.4x faster sampling on a 2-core CPU (`python bench/bench_speed.py`).
+        the Python between layers; measured 1.28x faster sampling on a 2-core CPU (`python bench/bench_speed.py`).
         Compilation takes 15-100 s once per batch size (a run with a guidance interval has two: the guided steps
         run the pair of rows), so it pays off only for many images at a fixed batch; on a CPU the eager UNet
         stays the default. Runs with attention controllers installed (capture, edits, guidance) use the eager
