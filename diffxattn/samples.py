@@ -37,6 +37,14 @@ EDITS = [  # (source, target, edit options)
 ]
 REWEIGHT = ("a (red:{w}) circle at the left", (0.25, 0.5, 1.0, 1.5, 2.0, 3.0))
 HEATMAP_PROMPT = "a red circle left of a blue square"
+# attention-guided sampling: (prompt, method, guide options); for each, the first seed whose plain image fails
+GUIDED = [
+    ("a red circle left of a blue square", "excite + bind", dict(excite="auto", bind="auto")),
+    ("a green triangle above a yellow square", "excite + bind", dict(excite="auto", bind="auto")),
+    ("a blue circle", "box", dict(boxes=(("circle", (0.05, 0.05, 0.5, 0.5)),))),
+    ("a red square", "box", dict(boxes=(("square", (0.45, 0.45, 0.95, 0.95)),))),
+]
+GUIDED_SEEDS = 8  # seeds searched for a failure of plain sampling
 # inverted and edited: renders of never-seen scenes of the shapes data, and one image drawn here by hand
 INVERSION_SCENES = (0, 2, 5)  # scenes of the shapes generator with seed 90210 (bench/bench_inversion.py's renders)
 HAND_DRAWN = ("a green triangle at the right", "a blue triangle at the right")
@@ -179,6 +187,9 @@ def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | No
     save_image(inversion_grid(pipe), out / "inversion.png")
     written.append(out / "inversion.png")
 
+    save_image(guided_strip(pipe, seed=seed), out / "guided.png")
+    written.append(out / "guided.png")
+
     template, weights = REWEIGHT
     strip = [(f"{mode}: {template.format(w=w)}",
               generate(pipe, template.format(w=w), weight_mode=mode, generator=_seed(seed)).images[0])
@@ -196,6 +207,53 @@ def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | No
         guidance_chart([json.loads(Path(r).read_text()) for r in guidance_reports]).save(out / "guidance.png")
         written.append(out / "guidance.png")
     return written
+
+
+def _box_failure(image, prompt: str, box) -> str | None:
+    """Why a boxed image fails: its prompt's failure, or the object's detected box off the requested one."""
+    import numpy as np
+
+    from .eval.detector import detect, failure_of
+    from .eval.metrics import box_iou
+
+    pixels = np.asarray(image)
+    detections = detect(pixels)
+    failure = failure_of(prompt, detections, pixels.shape[0])
+    if failure or not box:
+        return failure
+    iou = box_iou(detections[0].bbox, [v * pixels.shape[0] for v in box])
+    return None if iou >= 0.5 else f"off its box (IoU {iou:.2f})"
+
+
+def guided_strip(pipe, *, seed: int = 0) -> Image.Image:
+    """For each of `GUIDED`: the first of `GUIDED_SEEDS` seeds from `seed` whose plain image fails (by the eval
+    detector; for a box, also an object box with IoU < 0.5), next to the guided image of the same seed, each
+    labelled with the detector's verdict. Not a selection of successes: the guided image is shown either way."""
+    from .control.guided import Guide
+
+    cells = []
+    for prompt, method, options in GUIDED:
+        box = dict(options.get("boxes", ())).get(prompt.split()[-1])
+        seeds = range(seed, seed + GUIDED_SEEDS)
+        plain = pipe([prompt] * len(seeds), generator=[_seed(s) for s in seeds]).images
+        failures = [_box_failure(image, prompt, box) for image in plain]
+        k = next((k for k, f in enumerate(failures) if f), 0)
+        guided = generate(pipe, prompt, guide=Guide(**options), generator=_seed(seeds[k])).images[0]
+        verdict = _box_failure(guided, prompt, box)
+        images = [plain[k], guided]
+        if box:
+            images = [_outlined(image, box) for image in images]
+        plain_verdict = failures[k] or f"correct (all {len(seeds)} seeds)"
+        cells += [(f"{prompt}, seed {seeds[k]}, plain: {plain_verdict}", images[0]),
+                  (f"{method}: {verdict or 'correct'}", images[1])]
+    return labelled_grid(cells, columns=4, cell=160)
+
+
+def _outlined(image: Image.Image, box, cell: int = 160) -> Image.Image:
+    """The image enlarged to `cell` pixels with the requested box drawn in white."""
+    big = image.convert("RGB").resize((cell, cell), Image.NEAREST)
+    ImageDraw.Draw(big).rectangle([v * cell for v in box], outline="white")
+    return big
 
 
 def app_screenshot(pipe, path: str | Path, *, seed: int = 0, prompt: str = HEATMAP_PROMPT) -> Path:

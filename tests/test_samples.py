@@ -3,7 +3,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from diffxattn.samples import EDITS, GALLERY, REWEIGHT, guidance_curve, make_samples
+from diffxattn.samples import EDITS, GALLERY, GUIDED, REWEIGHT, guidance_curve, make_samples
 
 
 def test_samples_command_writes_every_picture_the_readme_shows(tiny_pipe, tmp_path):
@@ -19,7 +19,7 @@ def test_samples_command_writes_every_picture_the_readme_shows(tiny_pipe, tmp_pa
     written = make_samples(tiny_pipe, tmp_path / "samples", curve=curve, screenshot=False, guidance_reports=reports)
     names = {p.relative_to(tmp_path / "samples").as_posix() for p in written}
     assert names == {"gallery.png", "heatmaps/grid.png", "edits.png", "reweight.png", "accuracy.png", "guidance.png",
-                     "inversion.png"}
+                     "inversion.png", "guided.png"}
     assert (tmp_path / "samples" / "heatmaps" / "index.html").is_file()
     sizes = {n: Image.open(tmp_path / "samples" / n).size for n in names}
     cell = 128
@@ -30,6 +30,7 @@ def test_samples_command_writes_every_picture_the_readme_shows(tiny_pipe, tmp_pa
     assert sizes["reweight.png"][0] == len(REWEIGHT[1]) * cell
     assert sizes["inversion.png"][0] == 3 * cell  # input, drawn again from its inversion, edited
     assert sizes["reweight.png"][1] > 2 * cell  # two rows: attention mode, then embedding mode
+    assert sizes["guided.png"][0] == 4 * 160 and sizes["guided.png"][1] > rows(2 * len(GUIDED), 4) * 160
     chart = np.asarray(Image.open(tmp_path / "samples" / "accuracy.png").convert("RGB"))
     assert chart.shape == (360, 640, 3)
     chart = chart[:, :640 - 170]  # the plot area, without the legend
@@ -49,3 +50,34 @@ def test_guidance_curve_adds_the_reports_main_scale_in_order():
     assert guidance_curve(report, "two") == [(1.0, 0.44), (3.0, 0.58), (4.0, 0.59), (5.0, 0.55)]
     report["guidance"]["4"] = {"two": 0.6}  # a scale in both: the curve's own point is kept
     assert guidance_curve(report, "two")[2] == (4.0, 0.6)
+
+
+def test_guided_strip_shows_the_first_failing_seed_and_the_guided_image_of_that_seed(tiny_pipe, monkeypatch):
+    from diffxattn import samples
+
+    verdicts = iter([None, None, "missing object"] + [None] * 5 + ["extra object"])
+    seen = []
+
+    def fake_failure(image, prompt, box):
+        seen.append((prompt, box))
+        return next(verdicts)
+
+    monkeypatch.setattr(samples, "GUIDED", [("a red circle at the left", "excite", dict(excite="auto"))])
+    monkeypatch.setattr(samples, "_box_failure", fake_failure)
+    labels = []
+    monkeypatch.setattr(samples, "labelled_grid", lambda cells, **kw: labels.extend(label for label, _ in cells))
+    samples.guided_strip(tiny_pipe, seed=5)
+    assert len(seen) == samples.GUIDED_SEEDS + 1  # every plain seed, then the guided image
+    assert labels == ["a red circle at the left, seed 7, plain: missing object", "excite: extra object"]
+
+
+def test_box_failure_is_the_prompt_failure_or_the_object_off_its_box():
+    from PIL import ImageDraw
+
+    from diffxattn.samples import _box_failure
+
+    image = Image.new("RGB", (32, 32), "black")
+    ImageDraw.Draw(image).rectangle([16, 16, 27, 27], fill=(220, 30, 30))  # a red square, lower right
+    assert _box_failure(image, "a red square", (0.45, 0.45, 0.95, 0.95)) is None
+    assert _box_failure(image, "a red square", (0.0, 0.0, 0.4, 0.4)).startswith("off its box (IoU 0.00")
+    assert _box_failure(image, "a blue square", None) == "color missing"
