@@ -24,7 +24,7 @@ from .conditioning import embed_texts, embed_weighted, prompt_tokens
 from .control.edits import FEATURE_LAYERS, AttentionReweight, LocalBlend, PromptToPrompt
 from .control.guided import AttentionGuide, Guide
 from .control.steps import StepRange
-from .prompt_syntax import has_weights, parse_schedule
+from .prompt_syntax import has_weights, parse_schedule, split_and
 
 WEIGHT_MODES = ("attention", "embedding", "embedding-a1111", "embedding-a1111-no-norm")
 
@@ -38,7 +38,8 @@ def _steps(pipe, steps: int | None) -> int:
 def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=StepRange.fraction(0, 1),
              num_inference_steps: int | None = None, negative_prompt: str | None = None, guide: Guide | None = None,
              callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None, **kwargs):
-    """Generate with Automatic1111/compel weight syntax and `[from:to:when]` prompt editing over steps.
+    """Generate with Automatic1111/compel weight syntax, `[from:to:when]` prompt editing over steps and
+    `a cat AND a dog :0.5` composable diffusion (`composable`; weights inside its sub-prompts act on embeddings).
 
     weight_mode "attention" scales the weighted tokens' cross-attention probabilities (in the steps
     `weight_steps`, a `StepRange`); "embedding" scales token embeddings towards/away from the empty prompt
@@ -50,6 +51,11 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
     if weight_mode not in WEIGHT_MODES:
         raise ValueError(f"weight mode {weight_mode!r}; expected one of {WEIGHT_MODES}")
     steps = _steps(pipe, num_inference_steps)
+    parts = split_and(prompt, strict=getattr(pipe, "strict", False))
+    if len(parts) > 1:
+        return _generate_and(pipe, parts, weight_mode=weight_mode, steps=steps, negative_prompt=negative_prompt,
+                             guide=guide, callbacks=StepCallbacks([(callback_on_step_end,
+                                                                    callback_on_step_end_tensor_inputs)]), **kwargs)
     schedule = parse_schedule(prompt, steps)  # [(end_step, text), ...]
     tokens = [prompt_tokens(pipe, text) for _, text in schedule]
     prompt_of_step = [next(k for k, (end, _) in enumerate(schedule) if s < end) for s in range(steps)]
@@ -72,6 +78,29 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
                                                   steps=weight_steps))
         return pipe(**text, negative_prompt=negative_prompt, num_inference_steps=steps, **callbacks.kwargs(),
                     **kwargs)
+
+
+def _generate_and(pipe, parts: list[tuple[str, float]], *, weight_mode: str, steps: int, negative_prompt,
+                  guide: Guide | None, callbacks: StepCallbacks, **kwargs):
+    """`generate` for a prompt with AND: one prediction per sub-prompt (`composable.Composable`)."""
+    from .composable import Composable
+    from .control.processor import controlled
+
+    if guide:
+        raise ValueError("attention-guided sampling cannot be combined with AND sub-prompts (it reads one prompt's "
+                         "attention maps); drop the guide options or the AND")
+    if controlled(pipe.unet):
+        raise ValueError("AND sub-prompts cannot run with attention controllers installed (heatmaps, edits): "
+                         "each UNet call holds one row per sub-prompt")
+    for text, _ in parts:
+        if len(parse_schedule(text, steps)) > 1:
+            raise ValueError(f"prompt editing over steps ([from:to:when]) inside the AND sub-prompt {text!r} is not "
+                             "supported")
+    mode = "compel" if weight_mode in ("attention", "embedding") else weight_mode.removeprefix("embedding-")
+    embedded = embed_weighted(pipe, [text for text, _ in parts], mode)
+    with Composable(pipe, embedded[1:], [w for _, w in parts]):
+        return pipe(**embedded[:1].pipeline_kwargs(pipe), negative_prompt=negative_prompt, num_inference_steps=steps,
+                    **callbacks.kwargs(), **kwargs)
 
 
 @dataclass

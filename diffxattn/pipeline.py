@@ -375,8 +375,8 @@ class DiffXAttnPipeline(DiffusionPipeline):
         the Python between layers; measured 1.28x faster sampling on a 2-core CPU (`python bench/bench_speed.py`).
         Compilation takes 15-100 s once per batch size (a run with a guidance interval has two: the guided steps
         run the pair of rows), so it pays off only for many images at a fixed batch; on a CPU the eager UNet
-        stays the default. Runs with attention controllers installed (capture, edits, guidance) use the eager
-        UNet, whose processors they replace. Images agree with the eager ones to float rounding (about 1e-6),
+        stays the default. Runs with attention controllers installed (capture, edits, guidance) or hooks on the
+        UNet (AND sub-prompts) use the eager UNet, whose processors and hooks they change. Images agree with the eager ones to float rounding (about 1e-6),
         not bit for bit. `options` go to `torch.compile`. Returns the pipeline."""
         self._compiled_unet = torch.compile(self.unet, **options)
         return self
@@ -387,7 +387,8 @@ class DiffXAttnPipeline(DiffusionPipeline):
         if compiled is not None:
             from .control.processor import controlled  # (control imports the models, which import this module)
 
-            unet = unet if controlled(unet) else compiled
+            hooked = controlled(unet) or unet._forward_pre_hooks or unet._forward_hooks  # e.g. AND sub-prompts
+            unet = unet if hooked else compiled
         return unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
 
     @staticmethod

@@ -318,3 +318,15 @@ def test_heatmap_export_on_the_sdxl_refiner_reads_its_only_tokenizer(refiner, tm
     heatmaps.export(tmp_path, store, out, "a red circle")
     meta = json.loads((tmp_path / "maps.json").read_text())
     assert meta["words"] == ["a", "red", "circle"] and meta["tokens"][0] == "<|startoftext|>"
+
+
+def test_and_sub_prompts_on_sdxl_carry_their_own_pooled_embedding(sdxl):
+    kw = {**KW, "output_type": "pt"}
+    plain = generate(sdxl, "a red circle", generator=seeded(0), **kw).images
+    halves = generate(sdxl, "a red circle :0.5 AND a red circle :0.5", generator=seeded(0), **kw).images
+    torch.testing.assert_close(halves, plain, rtol=0, atol=1e-5)
+    both = generate(sdxl, "a red circle AND a blue square", generator=seeded(0), **kw).images
+    swapped = generate(sdxl, "a blue square AND a red circle", generator=seeded(0), **kw).images
+    # the sum over sub-prompts does not depend on their order only if each row has its own text and pooled embedding
+    torch.testing.assert_close(swapped, both, rtol=0, atol=1e-5)
+    assert (both - plain).abs().max() > 1e-3
