@@ -233,7 +233,7 @@ def guided_strip(pipe, *, seed: int = 0) -> Image.Image:
 
     cells = []
     for prompt, method, options in GUIDED:
-        box = dict(options.get("boxes", ())).get(prompt.split()[-1])
+        box = options["boxes"][0][1] if "boxes" in options else None  # (the strip's box prompts have one)
         seeds = range(seed, seed + GUIDED_SEEDS)
         plain = pipe([prompt] * len(seeds), generator=[_seed(s) for s in seeds]).images
         failures = [_box_failure(image, prompt, box) for image in plain]

@@ -118,14 +118,14 @@ class ControlledProcessor:
         controllers = [self.hooks.exclusive] if self.hooks.exclusive else self.controllers
         call = self.hooks.call(self.name, attn, hidden_states) if controllers else None
         active = [c for c in controllers if c.wants(call)]
-        attend = getattr(self.original, "attend", None)  # ours: the output from inputs computed once, below
-        if not active or attend is None or kwargs:
+        attend = None if kwargs else getattr(self.original, "attend", None)  # ours: output from the inputs below
+        if not active or attend is None:
             out = self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                                 attention_mask=attention_mask, **kwargs)
             if not active:
                 return out
         inputs = attention_inputs(attn, hidden_states, encoder_hidden_states, attention_mask)
-        if attend is not None and not kwargs:
+        if attend is not None:
             out = attend(attn, inputs)
         editors = [c for c in active if c.edits]
         if not editors:  # observe only: probabilities of the conditional rows, output untouched
