@@ -31,12 +31,17 @@ def tiny_text(tmp_path_factory):
     return tokenizer, encoder
 
 
-@pytest.fixture(scope="session")
-def tiny_pipe(tiny_text) -> DiffXAttnPipeline:
+def tiny_pipeline(tiny_text, **config) -> DiffXAttnPipeline:
+    """A fresh pipeline around `tiny_unet()` and the tiny text encoder (DDIM, 4 steps unless `config` says)."""
     tokenizer, encoder = tiny_text
-    pipe = DiffXAttnPipeline(tiny_unet(), encoder, tokenizer, make_scheduler("ddim"), default_steps=4)
+    pipe = DiffXAttnPipeline(tiny_unet(), encoder, tokenizer, make_scheduler("ddim"), **{"default_steps": 4, **config})
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_text) -> DiffXAttnPipeline:
+    return tiny_pipeline(tiny_text)
 
 
 @pytest.fixture(scope="session")

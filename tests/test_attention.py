@@ -1,10 +1,9 @@
 import torch
 
-from diffxattn import DiffXAttnPipeline, make_scheduler
 from diffxattn.control.processor import attention_layers
 from diffxattn.models import attention
 from diffxattn.models.attention import TransformerBlock, attention_inputs, attention_probs, make_attention
-from conftest import seeded, tiny_unet
+from conftest import seeded, tiny_pipeline, tiny_unet
 
 
 def test_padded_tokens_get_exactly_zero_probability():
@@ -62,14 +61,6 @@ def test_zero_gate_makes_cross_attention_the_identity():
         assert not torch.allclose(block(h, ctx_a), block(h, ctx_b))
 
 
-def _pipe(tiny_text):
-    tokenizer, encoder = tiny_text
-    pipe = DiffXAttnPipeline(tiny_unet(), encoder, tokenizer, make_scheduler("ddim"), default_steps=4,
-                             default_guidance_scale=3.0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _counting(monkeypatch, cache: bool) -> list:
     """Count how often the text's keys and values are computed; `cache=False` computes them at every call."""
     calls = []
@@ -90,7 +81,7 @@ def _run(pipe):
 
 
 def test_text_keys_values_are_computed_once_per_run_and_images_are_bit_identical(tiny_text, monkeypatch):
-    pipe = _pipe(tiny_text)
+    pipe = tiny_pipeline(tiny_text, default_guidance_scale=3.0)
     names = list(attention_layers(pipe.unet))
     layers, self_layers = sum(n.endswith("attn2") for n in names), sum(n.endswith("attn1") for n in names)
     with monkeypatch.context() as m:
@@ -107,7 +98,7 @@ def test_text_keys_values_are_computed_once_per_run_and_images_are_bit_identical
 
 
 def test_text_keys_values_follow_weight_changes(tiny_text, monkeypatch):
-    pipe = _pipe(tiny_text)
+    pipe = tiny_pipeline(tiny_text, default_guidance_scale=3.0)
     text = torch.randn(2, 5, 32)
     original = text.clone()
     x = torch.randn(2, 3, 16, 16)

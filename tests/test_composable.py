@@ -3,22 +3,17 @@
 import pytest
 import torch
 
-from diffxattn import DiffXAttnPipeline, make_scheduler
 from diffxattn.composable import Composable
 from diffxattn.conditioning import embed_texts
 from diffxattn.control import AttentionStore
 from diffxattn.control.guided import Guide
 from diffxattn.generation import generate
-from conftest import seeded, tiny_unet
+from conftest import seeded, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def guided_pipe(tiny_text):
-    tokenizer, encoder = tiny_text
-    pipe = DiffXAttnPipeline(tiny_unet(), encoder, tokenizer, make_scheduler("ddim"), default_steps=3,
-                             default_guidance_scale=3.0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipeline(tiny_text, default_steps=3, default_guidance_scale=3.0)
 
 
 def test_the_unet_call_gets_one_row_per_sub_prompt_and_returns_the_combined_prediction(guided_pipe):

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from conftest import tiny_unet
+from conftest import tiny_pipeline, tiny_unet
 from diffxattn import DiffXAttnPipeline, make_scheduler
 from diffxattn.cli import main
 from diffxattn.data.shapes import ShapesConfig, render, sample_scene
@@ -31,11 +31,7 @@ def render16():
 @pytest.fixture(scope="module")
 def guided_pipe(tiny_text):
     """The tiny pipeline with guidance 3 over the first half of its 6 steps by default, like the shipped one."""
-    tokenizer, encoder = tiny_text
-    pipe = DiffXAttnPipeline(tiny_unet(), encoder, tokenizer, make_scheduler("ddim"), default_steps=6,
-                             default_guidance_scale=3.0, default_guidance_interval=(0.0, 0.5))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipeline(tiny_text, default_steps=6, default_guidance_scale=3.0, default_guidance_interval=(0.0, 0.5))
 
 
 def uint8(pipe_output) -> np.ndarray:

@@ -6,8 +6,8 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from diffxattn import DiffXAttnPipeline, make_scheduler
-from conftest import seeded, tiny_unet
+from diffxattn import DiffXAttnPipeline
+from conftest import seeded, tiny_pipeline
 
 
 def test_same_seed_gives_identical_bits(tiny_pipe):
@@ -86,9 +86,7 @@ def test_bad_input_names_the_value(tiny_pipe, kwargs, message):
 def test_compiled_unet_samples_plain_runs_and_controlled_runs_use_the_eager_unet(tiny_text, monkeypatch):
     from diffxattn.control import AttentionStore
 
-    tokenizer, encoder = tiny_text
-    pipe = DiffXAttnPipeline(tiny_unet(), encoder, tokenizer, make_scheduler("ddim"), default_steps=3)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_pipeline(tiny_text, default_steps=3)
     eager = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt").images
     calls = []
 
@@ -110,10 +108,7 @@ def test_compiled_unet_samples_plain_runs_and_controlled_runs_use_the_eager_unet
 
 @pytest.mark.slow
 def test_compiled_unet_matches_the_eager_images(tiny_text):
-    tokenizer, encoder = tiny_text
-    pipe = DiffXAttnPipeline(tiny_unet(), encoder, tokenizer, make_scheduler("ddim"), default_steps=3,
-                             default_guidance_scale=3.0)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_pipeline(tiny_text, default_steps=3, default_guidance_scale=3.0)
     eager = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt").images
     compiled = pipe.compile_unet()("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt").images
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
