@@ -39,12 +39,20 @@ def test_the_unet_call_gets_one_row_per_sub_prompt_and_returns_the_combined_pred
 
 
 def test_and_of_a_prompt_with_itself_at_half_weight_each_is_the_plain_prompt(guided_pipe):
-    plain = generate(guided_pipe, "a red circle", generator=seeded(), output_type="pt").images
-    both = generate(guided_pipe, "a red circle :0.5 AND a red circle :0.5", generator=seeded(),
-                    output_type="pt").images
-    other = generate(guided_pipe, "a red circle AND a blue square", generator=seeded(), output_type="pt").images
+    def two(prompt, **kw):  # two images per prompt, each from its own fresh generator
+        return generate(guided_pipe, prompt, generator=seeded(0, 2), num_images_per_prompt=2, output_type="pt",
+                        **kw).images
+
+    plain, both = two("a red circle"), two("a red circle :0.5 AND a red circle :0.5")
+    other = two("a red circle AND a blue square")
+    assert plain.shape == (2, 3, 16, 16)
     torch.testing.assert_close(both, plain, rtol=0, atol=1e-5)
     assert (other - plain).abs().max() > 1e-3
+    # guidance in the first half of the steps only: guided steps combine with the unconditional rows, the others
+    # take the weighted mean; both give the plain prompt back
+    half = dict(guidance_interval=(0.0, 0.5))
+    torch.testing.assert_close(two("a red circle :0.5 AND a red circle :0.5", **half), two("a red circle", **half),
+                               rtol=0, atol=1e-5)
 
 
 def test_and_without_classifier_free_guidance_takes_the_weighted_mean(tiny_pipe):
