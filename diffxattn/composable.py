@@ -16,8 +16,6 @@ import torch
 
 from .conditioning import TextEmbeddings
 
-TEXT_KWARGS = ("encoder_hidden_states", "encoder_attention_mask")
-
 
 class Composable:
     """`with Composable(pipe, extra, weights): pipe(prompt_embeds=first sub-prompt, ...)`.
@@ -60,18 +58,17 @@ class Composable:
         def with_text(x, extra: torch.Tensor):  # the conditional rows of each extra sub-prompt get its text
             return torch.cat([x] + [extra[i:i + 1].to(x).expand(cond, *x.shape[1:]) for i in range(k)])
 
-        args = tuple(repeat(a) for a in args)
-        kwargs = {name: v if name in TEXT_KWARGS else repeat(v) for name, v in kwargs.items()}
-        kwargs["encoder_hidden_states"] = with_text(kwargs["encoder_hidden_states"], self.extra.embeds)
-        if kwargs.get("encoder_attention_mask") is not None:
-            kwargs["encoder_attention_mask"] = with_text(kwargs["encoder_attention_mask"], self.extra.mask)
+        texts = {"encoder_hidden_states": self.extra.embeds, "encoder_attention_mask": self.extra.mask}
+        # (sample, timestep, encoder_hidden_states, ...) as UNet2DConditionModel.forward takes them
+        args = tuple(with_text(a, self.extra.embeds) if i == 2 else repeat(a) for i, a in enumerate(args))
+        kwargs = {name: with_text(v, texts[name]) if name in texts and v is not None else repeat(v)
+                  for name, v in kwargs.items()}
         added = kwargs.get("added_cond_kwargs")
         if added:  # SDXL: its pooled text embedding per sub-prompt, the size/crop ids repeated
-            added = {name: repeat(v) for name, v in added.items()}
-            if "text_embeds" in added and self.extra.pooled is not None:
-                pooled = added["text_embeds"][:rows]
-                added["text_embeds"] = with_text(pooled, self.extra.pooled)
-            kwargs["added_cond_kwargs"] = added
+            pooled = self.extra.pooled
+            kwargs["added_cond_kwargs"] = {
+                name: with_text(v, pooled) if name == "text_embeds" and pooled is not None else repeat(v)
+                for name, v in added.items()}
         return args, kwargs
 
     def _combine(self, module, args, kwargs, output):

@@ -23,7 +23,8 @@ def test_the_unet_call_gets_one_row_per_sub_prompt_and_returns_the_combined_pred
     x, t = torch.randn(1, 3, 16, 16), torch.tensor(500)
 
     def eps(rows):
-        return pipe.unet(x.expand(len(rows), -1, -1, -1), t, encoder_hidden_states=text.embeds[rows],
+        # the text positional, as UNet2DConditionModel.forward's third argument (pipelines pass it either way)
+        return pipe.unet(x.expand(len(rows), -1, -1, -1), t, text.embeds[rows],
                          encoder_attention_mask=text.mask[rows]).sample
 
     with torch.no_grad():
