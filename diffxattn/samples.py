@@ -214,14 +214,14 @@ def _box_failure(image, prompt: str, box) -> str | None:
     import numpy as np
 
     from .eval.detector import detect, failure_of
-    from .eval.metrics import box_iou
+    from .eval.metrics import object_box_iou
 
     pixels = np.asarray(image)
     detections = detect(pixels)
     failure = failure_of(prompt, detections, pixels.shape[0])
     if failure or not box:
         return failure
-    iou = box_iou(detections[0].bbox, [v * pixels.shape[0] for v in box])
+    iou = object_box_iou(prompt, detections, box, pixels.shape[0])
     return None if iou >= 0.5 else f"off its box (IoU {iou:.2f})"
 
 

@@ -11,7 +11,8 @@ from diffxattn.cli import main
 from diffxattn.control import AttentionStore, StepRange
 from diffxattn.control.guided import (AttentionGuide, Guide, bind_loss, box_loss, box_mask, excite_loss,
                                       parse_options, plan, text_maps)
-from diffxattn.eval.metrics import box_iou
+from diffxattn.eval.detector import detect
+from diffxattn.eval.metrics import box_iou, object_box_iou
 from diffxattn.eval.prompts import box_prompts
 from diffxattn.eval.run import evaluate
 from diffxattn.generation import edit, generate
@@ -211,6 +212,22 @@ def test_box_prompts_and_box_iou():
         assert 1 / 32 <= x0 and x1 <= 31 / 32 + 1e-9 and 1 / 32 <= y0 and y1 <= 31 / 32 + 1e-9
     assert box_iou((0, 0, 4, 4), (0, 0, 4, 4)) == 1.0 and box_iou((0, 0, 4, 4), (4, 4, 8, 8)) == 0.0
     assert box_iou((0, 0, 4, 4), (2, 0, 6, 4)) == pytest.approx(8 / 24)
+
+
+def test_object_box_iou_scores_the_prompts_object_not_the_first_detection():
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (32, 32), "black")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([2, 2, 13, 13], fill=(40, 80, 230))  # a blue circle, upper left
+    draw.rectangle([18, 18, 29, 29], fill=(220, 30, 30))  # a red square, lower right
+    detections = detect(np.asarray(image))
+    assert {(d.color, d.shape) for d in detections} == {("blue", "circle"), ("red", "square")}
+    lower_right, upper_left = (18 / 32, 18 / 32, 30 / 32, 30 / 32), (2 / 32, 2 / 32, 14 / 32, 14 / 32)
+    assert object_box_iou("a red square", detections, lower_right, 32) > 0.8
+    assert object_box_iou("a blue circle", detections, lower_right, 32) == 0.0
+    assert object_box_iou("a blue circle", detections, upper_left, 32) > 0.7
+    assert object_box_iou("a red square", [], lower_right, 32) == 0.0
 
 
 def test_eval_reports_guided_sets_and_box_scores(tiny_pipe):

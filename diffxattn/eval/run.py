@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from ..control.guided import AttentionGuide, Guide
 from ..control.steps import StepRange
 from ..control.store import AttentionStore, word_keys
-from ..data.captions import parse_caption_words
 from ..data.shapes import ShapesConfig
 from ..generation import edit, generate
 from ..schedulers import scheduler_name
@@ -121,9 +120,7 @@ def _box_metrics(pipe, items, seeds, *, scale: float, steps: int, guide: Guide |
             detections = detect(image)
             scores = score_prompt(prompt, detections, size)
             correct.append(scores["color"] and scores["shape"])
-            spec = parse_caption_words(prompt)[0]["objects"][0]
-            mine = [d for d in detections if (d.color, d.shape) == (spec["color"], spec["shape"])] or detections
-            ious.append(metrics.box_iou(mine[0].bbox, [v * size for v in box]) if mine else 0.0)
+            ious.append(metrics.object_box_iou(prompt, detections, box, size))
     return {"n": len(ious), "iou": float(np.mean(ious)), "iou_median": float(np.median(ious)),
             "iou>=0.5": float(np.mean([v >= 0.5 for v in ious])), "color_shape": float(np.mean(correct))}
 
