@@ -30,7 +30,7 @@ import torch
 
 from .errors import shorten
 from .models import text as text_mod
-from .prompt_syntax import WeightedSpan, parse_weights
+from .prompt_syntax import WeightedSpan, break_columns, parse_weights, split_breaks
 
 # ---------------------------------------------------------------------------------------------
 # Word <-> token alignment
@@ -106,44 +106,76 @@ def _words(text: str, tokenizer) -> list[_Word]:
 # ---------------------------------------------------------------------------------------------
 
 
+CHUNK_COMMA_BACKTRACK = 20  # Automatic1111's default "comma padding backtrack", in tokens
+
+
 @dataclass(frozen=True)
 class TokenizedPrompt:
-    """A prompt as the text encoder reads it. Positions count BOS as 0, so they index the encoder's sequence."""
+    """A prompt as the text encoder reads it. Positions count BOS as 0, so they index the encoder's sequence.
+
+    A chunked prompt (Stable Diffusion and SDXL, as Automatic1111 reads prompts) is `chunks` windows of the
+    encoder's length side by side, each BOS, up to max_length - 2 tokens, EOS and padding, encoded separately and
+    concatenated: a prompt longer than one window or with ``BREAK`` (which starts a new window) loses no word.
+    """
 
     prompt: str  # as written, weight syntax included
-    clean: str  # weight syntax removed: what the tokenizer sees
-    ids: list[int]  # BOS, the tokens inside the encoder's window (max_length), EOS
-    weights: list[float]  # one per position of the padded window; BOS, EOS, padding and cut tokens 1
-    words: list[tuple[str, list[int]]]  # each word whose tokens all fit inside the window, and their positions
+    clean: str  # weight syntax (and BREAK) removed: what the tokenizer sees
+    ids: list[int]  # the token at each position up to the last window's EOS: BOS, tokens, EOS (earlier windows'
+    # padding included)
+    weights: list[float]  # one per position of the padded windows; BOS, EOS, padding and cut tokens 1
+    words: list[tuple[str, list[int]]]  # each word whose tokens all fit inside the window(s), and their positions
     dropped: list[str]  # words with a token past the window: truncation cuts them (or their end) off
+    token_positions: list[int | None]  # the position of each token of `clean`; None: cut off
+    chunks: int = 1  # windows of the encoder's max_length
 
     @classmethod
-    def of(cls, tokenizer, prompt: str | TokenizedPrompt, *, syntax: bool = True) -> TokenizedPrompt:
+    def of(cls, tokenizer, prompt: str | TokenizedPrompt, *, syntax: bool = True,
+           chunked: bool = False) -> TokenizedPrompt:
         """Parse and tokenize `prompt` once (a TokenizedPrompt is returned as it is); `syntax=False`: the
         text as the tokenizer sees it, brackets and all (what a pipeline's `encode_prompt` gets).
 
         Each word's tokens all take the weight of the span holding the word's *first character*:
-        "(cr)imson" weights every token of "crimson" 1.1.
+        "(cr)imson" weights every token of "crimson" 1.1. `chunked`: Automatic1111's windows (`_chunk_positions`)
+        instead of truncation, with ``BREAK`` read (when `syntax`) as the start of a new window.
         """
         if isinstance(prompt, TokenizedPrompt):
             return prompt
-        spans = parse_weights(prompt) if syntax else [WeightedSpan(prompt, 1.0)]
+        if not syntax:
+            segments = [[WeightedSpan(prompt, 1.0)]]
+        else:
+            segments = split_breaks(prompt) if chunked else [parse_weights(prompt)]
+        spans, breaks = [], []  # breaks: where each BREAK's window starts, as a column of the clean text
+        for k, segment in enumerate(segments):
+            if k:
+                spans.append(WeightedSpan(" ", 1.0))  # keeps the words on both sides of a BREAK apart
+                breaks.append(sum(len(span.text) for span in spans))
+            spans += segment
         clean = "".join(span.text for span in spans)
         char_weights = [span.weight for span in spans for _ in span.text]
         size = tokenizer.model_max_length
-        ids, weights, words, dropped = [tokenizer.bos_token_id], [1.0] * size, [], []
-        position = 1
-        for word in _words(clean, tokenizer):
-            kept = [p for p in range(position, position + len(word.ids)) if p < size - 1]  # size - 1: EOS
-            ids += word.ids[:len(kept)]  # the encoder reads a cut word's first tokens (truncation)...
-            if len(kept) == len(word.ids):
-                words.append((word.text, kept))
-            else:  # ...but the word is dropped whole, as the too-long-prompt warning says: it gets no map
-                dropped.append(word.text)
+        words = _words(clean, tokenizer)
+        token_ids = [i for word in words for i in word.ids]
+        if chunked:
+            firsts = list(itertools.accumulate([len(word.ids) for word in words], initial=0))
+            at = [next((first for word, first in zip(words, firsts) if word.start >= column), len(token_ids))
+                  for column in breaks]
+            positions, chunks = _chunk_positions(token_ids, at, _comma_id(tokenizer), size)
+        else:  # the encoder's window, truncated: size - 1 is EOS's
+            positions, chunks = [p if p < size - 1 else None for p in range(1, len(token_ids) + 1)], 1
+        weights, kept_words, dropped = [1.0] * (size * chunks), [], []
+        first = 0
+        for word in words:
+            pos = positions[first:first + len(word.ids)]
+            first += len(word.ids)
+            kept = [p for p in pos if p is not None]  # the encoder reads a cut word's first tokens...
             for p in kept:
                 weights[p] = char_weights[word.start] if word.start < len(char_weights) else 1.0
-            position += len(word.ids)
-        return cls(prompt, clean, ids + [tokenizer.eos_token_id], weights, words, dropped)
+            if len(kept) == len(pos):
+                kept_words.append((word.text, kept))
+            else:  # ...but the word is dropped whole, as the too-long-prompt warning says: it gets no map
+                dropped.append(word.text)
+        ids, eos = _windows(tokenizer, token_ids, positions, chunks)
+        return cls(prompt, clean, ids[:eos + 1], weights, kept_words, dropped, positions, chunks)
 
     def positions(self, words: list[str]) -> list[int]:
         """Token positions of every occurrence of the given words."""
@@ -153,6 +185,71 @@ class TokenizedPrompt:
     def word_weights(self) -> dict[str, float]:
         """{word: weight} of the words weighted other than 1 (by their first token)."""
         return {w: self.weights[pos[0]] for w, pos in self.words if self.weights[pos[0]] != 1.0}
+
+
+def _comma_id(tokenizer) -> int | None:
+    """CLIP's ',' token (Automatic1111 moves the words after the last comma to the next window)."""
+    found = tokenizer.convert_tokens_to_ids(",</w>")
+    return None if found == tokenizer.unk_token_id else found
+
+
+def _chunk_positions(token_ids: list[int], breaks: list[int], comma: int | None, size: int
+                     ) -> tuple[list[int], int]:
+    """Automatic1111's windows for a prompt's tokens: each token's position and the number of windows.
+
+    A window holds size - 2 tokens between BOS and EOS. When a window is full, the next token starts a new one;
+    if the window's last comma is at most `CHUNK_COMMA_BACKTRACK` tokens from its end, the tokens after the comma
+    move to the new window with it. `breaks`: token indices a ``BREAK`` comes before (len(token_ids): at the end);
+    each BREAK closes the current window, even an empty one, and an empty last window is not kept.
+    """
+    length, chunks, last_comma = size - 2, [[]], -1
+    for k in range(len(token_ids) + 1):
+        for _ in range(breaks.count(k)):
+            chunks.append([])
+            last_comma = -1
+        if k == len(token_ids):
+            break
+        chunk = chunks[-1]
+        if token_ids[k] == comma:
+            last_comma = len(chunk)
+        elif len(chunk) == length and last_comma != -1 and len(chunk) - last_comma <= CHUNK_COMMA_BACKTRACK:
+            chunks.append(chunk[last_comma + 1:])
+            del chunk[last_comma + 1:]
+            last_comma = -1
+        if len(chunks[-1]) == length:
+            chunks.append([])
+            last_comma = -1
+        chunks[-1].append(k)
+    if len(chunks) > 1 and not chunks[-1]:
+        chunks.pop()
+    positions = [0] * len(token_ids)
+    for c, chunk in enumerate(chunks):
+        for slot, k in enumerate(chunk):
+            positions[k] = c * size + 1 + slot
+    return positions, len(chunks)
+
+
+def _windows(tokenizer, token_ids: list[int], positions: list[int | None], chunks: int) -> tuple[list[int], int]:
+    """The encoder's input ids, `chunks` windows of max_length side by side (each BOS, its tokens at their
+    positions, EOS, the tokenizer's padding), and the position of the last EOS."""
+    size = tokenizer.model_max_length
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    ids, eos = [pad] * (size * chunks), [c * size + 1 for c in range(chunks)]
+    for tid, p in zip(token_ids, positions):
+        if p is not None:
+            ids[p] = tid
+            eos[p // size] = max(eos[p // size], p + 1)
+    for c, end in enumerate(eos):
+        ids[c * size], ids[end] = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return ids, eos[-1]
+
+
+def window_ids(tokenizer, tokens: TokenizedPrompt) -> torch.Tensor:
+    """(chunks, max_length) input ids of `tokens` for `tokenizer` (the prompt's own or, on SDXL, the other one,
+    which splits every word into as many tokens: `prompt_tokens` checks), padded as the tokenizer pads."""
+    token_ids = [i for word in _words(tokens.clean, tokenizer) for i in word.ids]
+    ids, _ = _windows(tokenizer, token_ids, tokens.token_positions, tokens.chunks)
+    return torch.tensor(ids).view(tokens.chunks, tokenizer.model_max_length)
 
 
 def token_weights(prompt: str, tokenizer) -> tuple[list[int], list[float], list[str]]:
@@ -201,17 +298,23 @@ def tokenizers(pipe) -> list:
 
 
 def prompt_tokens(pipe, prompt: str | TokenizedPrompt, *, syntax: bool = True) -> TokenizedPrompt:
-    """`TokenizedPrompt.of` with the pipeline's (first) tokenizer. On SDXL the second tokenizer must split the
-    prompt into the same words at the same positions, or maps and weights would address the wrong tokens of one
-    encoder: a ValueError names the first word they split differently."""
+    """`TokenizedPrompt.of` with the pipeline's (first) tokenizer, chunked as Automatic1111 reads prompts on
+    Stable Diffusion and SDXL (our pipeline reads one window: ``BREAK`` is a ValueError there). On SDXL the second
+    tokenizer must split the prompt into the same words, each into as many tokens, or maps and weights would
+    address the wrong tokens of one encoder: a ValueError names the first word they split differently."""
     first, *others = tokenizers(pipe)
-    tokens = TokenizedPrompt.of(first, prompt, syntax=syntax)
+    chunked = not masks_padding(pipe)
+    if syntax and not chunked and isinstance(prompt, str) and break_columns(prompt):
+        raise ValueError(f"BREAK at column {break_columns(prompt)[0]} of {shorten(prompt, 80)!r}: it starts a new "
+                         "75-token window of Stable Diffusion's text encoder, and this pipeline's text encoder reads "
+                         f"one window of {first.model_max_length} tokens; remove it")
+    tokens = TokenizedPrompt.of(first, prompt, syntax=syntax, chunked=chunked)
     for other in others:
         if other.model_max_length != first.model_max_length:
             raise ValueError(f"the pipeline's tokenizers read {first.model_max_length} and {other.model_max_length} "
                              "tokens: per-token weights and maps need one length")
-        second = TokenizedPrompt.of(other, tokens.clean, syntax=False)
-        if second.words != tokens.words:
+        second = TokenizedPrompt.of(other, tokens.clean, syntax=False, chunked=chunked)
+        if [(w, len(p)) for w, p in second.words] != [(w, len(p)) for w, p in tokens.words]:
             (word, a), (other_word, b) = next((x, y) for x, y in itertools.zip_longest(
                 tokens.words, second.words, fillvalue=("", [])) if x != y)
             raise ValueError(f"the pipeline's two tokenizers split the word {shorten(word or other_word, 40)!r} of "
@@ -295,10 +398,19 @@ class TextEmbeddings:
         return kwargs
 
 
-def embed_texts(pipe, texts: list[str]) -> TextEmbeddings:
-    """Embeddings of texts (no weight syntax) through the pipeline's own `encode_prompt`, so they are the bits
-    the pipeline itself would use: ours masks padding keys; Stable Diffusion attends to every position; SDXL
-    adds its pooled embedding."""
+def embed_texts(pipe, texts: list[str | TokenizedPrompt], chunks: int = 1) -> TextEmbeddings:
+    """Embeddings of texts (strings without weight syntax, or `TokenizedPrompt`s, whose clean text is read)
+    through the pipeline's own `encode_prompt`, so they are the bits the pipeline itself would use: ours masks
+    padding keys; Stable Diffusion attends to every position; SDXL adds its pooled embedding.
+
+    Chunked prompts (`TokenizedPrompt.chunks` > 1), or `chunks` > 1, are encoded as Automatic1111 does: every
+    row in max(chunks) windows, each window encoded on its own and the windows concatenated; a row with fewer
+    windows is filled with the empty prompt's; SDXL's pooled embedding is the first window's.
+    """
+    count = max([chunks] + [t.chunks for t in texts if isinstance(t, TokenizedPrompt)])
+    if count > 1:
+        return _embed_windows(pipe, [prompt_tokens(pipe, t, syntax=False) for t in texts], count)
+    texts = [t.clean if isinstance(t, TokenizedPrompt) else t for t in texts]
     if masks_padding(pipe):
         return TextEmbeddings(*pipe.encode_prompt(texts))
     if takes_pooled(pipe):
@@ -309,68 +421,95 @@ def embed_texts(pipe, texts: list[str]) -> TextEmbeddings:
     return TextEmbeddings(embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device), pooled)
 
 
+def _embed_windows(pipe, rows: list[TokenizedPrompt], count: int) -> TextEmbeddings:
+    """`embed_texts` of chunked prompts, `count` windows per row (Stable Diffusion and SDXL)."""
+    empty, _ = _encode_windows(pipe, prompt_tokens(pipe, "", syntax=False))
+    embeds, pooled = [], []
+    for tokens in rows:
+        z, p = _encode_windows(pipe, tokens)
+        z = torch.cat([z, empty.expand(count - len(z), -1, -1)])
+        embeds.append(z.reshape(-1, z.shape[-1]))
+        pooled.append(None if p is None else p[0])
+    embeds = torch.stack(embeds)
+    return TextEmbeddings(embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device),
+                          None if pooled[0] is None else torch.stack(pooled))
+
+
 def encode(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings (B, S, D) and key mask (B, S) of texts (no weight syntax) on any pipeline (`embed_texts`)."""
     text = embed_texts(pipe, texts)
     return text.embeds, text.mask
 
 
-def _encode_hiding(pipe, text: str, hide: torch.Tensor) -> torch.Tensor:
-    """(1, S, D) embeddings of `text` with the tokens `hide` (1, S) hidden from the others inside each text
-    encoder: the last hidden state (ours, Stable Diffusion), or on SDXL both encoders' penultimate ones side by
-    side, as its `encode_prompt` takes them."""
+def _encode_windows(pipe, tokens: TokenizedPrompt, hide: torch.Tensor | None = None, window: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(chunks, max_length, D) embeddings of each window of `tokens` (or of the one `window`), and on SDXL the
+    pooled embedding of each (chunks, P): the last hidden state (ours, Stable Diffusion), or on SDXL both
+    encoders' penultimate ones side by side, as its `encode_prompt` takes them. `hide` (1, max_length) bool:
+    tokens hidden from the others inside each text encoder (compel's down-weighting)."""
+    chosen = slice(None) if window is None else slice(window, window + 1)
     if not takes_pooled(pipe):
-        ids, _ = text_mod.tokenize(pipe.tokenizer, [text])
-        return text_mod.encode(pipe.text_encoder, ids, hide)
+        return text_mod.encode(pipe.text_encoder, window_ids(pipe.tokenizer, tokens)[chosen], hide), None
     encoders = [e for e in (getattr(pipe, "text_encoder", None), pipe.text_encoder_2) if e is not None]
-    states = []
+    states, pooled = [], None
     for tokenizer, encoder in zip(tokenizers(pipe), encoders):
-        ids, _ = text_mod.tokenize(tokenizer, [text])
-        out = encoder(ids.to(encoder.device), attention_mask=(~hide).long().to(encoder.device),
+        mask = None if hide is None else (~hide).long().to(encoder.device)
+        out = encoder(window_ids(tokenizer, tokens)[chosen].to(encoder.device), attention_mask=mask,
                       output_hidden_states=True)
         states.append(out.hidden_states[-2])
-    return torch.cat(states, dim=-1)
+        pooled = out[0] if out[0].ndim == 2 else pooled
+    return torch.cat(states, dim=-1), pooled
 
 
-def token_weight_rows(tokenizer, prompts: list[str | TokenizedPrompt]) -> torch.Tensor:
-    """(B, S) weights per token position (BOS, EOS and padding 1), from each prompt's weight syntax."""
-    return torch.tensor([TokenizedPrompt.of(tokenizer, p).weights for p in prompts])
+def weight_rows(prompts: list[TokenizedPrompt], chunks: int = 1) -> torch.Tensor:
+    """(B, S) weights per token position (BOS, EOS and padding 1), every row over max(chunks) windows."""
+    count = max([chunks] + [t.chunks for t in prompts])
+    width = count * len(prompts[0].weights) // prompts[0].chunks
+    return torch.tensor([t.weights + [1.0] * (width - len(t.weights)) for t in prompts])
 
 
-def embed_weighted(pipe, prompts: list[str | TokenizedPrompt], mode: str = "compel") -> TextEmbeddings:
+def embed_weighted(pipe, prompts: list[str | TokenizedPrompt], mode: str = "compel", chunks: int = 1
+                   ) -> TextEmbeddings:
     """Text embeddings with prompt weights applied to the token embeddings (the pooled one, SDXL's, stays the
-    unweighted prompt's, as compel leaves it).
+    unweighted prompt's, as compel leaves it); `chunks` as in `embed_texts`.
 
     mode "compel", as compel does it: every weighted token becomes z_empty + w * (z - z_empty); then each run
     of tokens weighted below 1 is also faded out of the whole prompt by lerping towards the prompt encoded
     with that run hidden from the other tokens (otherwise the later tokens of a causal text encoder still
     carry it): lerp weight tan((1 - w) * pi / 2), so w = 0.5 is half-way and w = 0 removes the run.
-    mode "a1111": z * w, then rescaled so the mean over the prompt's embeddings is unchanged (Automatic1111's
+    mode "a1111": z * w, then rescaled so the mean over each window's embeddings is unchanged (Automatic1111's
     "Original" emphasis); "a1111-no-norm": z * w alone (its "No norm").
     """
     if mode not in ("compel", "a1111", "a1111-no-norm"):
         raise ValueError(f"embedding weight mode {mode!r}; expected 'compel', 'a1111' or 'a1111-no-norm'")
     tokens = [prompt_tokens(pipe, p) for p in prompts]
-    text = embed_texts(pipe, [t.clean for t in tokens])
+    text = embed_texts(pipe, tokens, chunks)
     z = text.embeds
-    weights = torch.tensor([t.weights for t in tokens])
+    weights = weight_rows(tokens, chunks)
     w = weights.to(z)[..., None]  # (B, S, 1)
+    size = len(tokens[0].weights) // tokens[0].chunks  # one window
     if mode in ("a1111", "a1111-no-norm"):
         scaled = z * w
-        text.embeds = scaled if mode == "a1111-no-norm" else scaled * (z.mean(dim=(1, 2), keepdim=True) /
-                                                                       scaled.mean(dim=(1, 2), keepdim=True))
+        if mode == "a1111":
+            windows, scaled = z.unflatten(1, (-1, size)), scaled.unflatten(1, (-1, size))
+            scaled = (scaled * (windows.mean(dim=(2, 3), keepdim=True) / scaled.mean(dim=(2, 3), keepdim=True))
+                      ).flatten(1, 2)
+        text.embeds = scaled
         return text
     z_empty, _ = encode(pipe, [""] * len(prompts))
+    z_empty = z_empty.repeat(1, z.shape[1] // size, 1)
     out = torch.where(w == 1, z, z_empty + w * (z - z_empty))  # weight 1 keeps z bit for bit
     for i, row in enumerate(weights.tolist()):
-        runs = [r for r in _equal_runs(row) if r[2] < 1]
+        runs = [r for r in _equal_runs(row) if r[2] < 1]  # BOS and EOS weigh 1: a run stays in its window
         if not runs:
             continue
         total, norm = out[i].clone(), 1.0
         for start, length, v in runs:
-            hide = torch.zeros(1, z.shape[1], dtype=torch.bool)
-            hide[0, start:start + length] = True
-            without = _encode_hiding(pipe, tokens[i].clean, hide)[0].to(z)
+            hide = torch.zeros(1, size, dtype=torch.bool)
+            hide[0, start % size:start % size + length] = True
+            without = z[i].clone()
+            window = start // size * size
+            without[window:window + size] = _encode_windows(pipe, tokens[i], hide, start // size)[0][0].to(z)
             lerp = math.tan((1.0 - max(v, 1e-5)) * math.pi / 2)
             total, norm = total + lerp * without, norm + lerp
         out[i] = total / norm

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .callbacks import PromptSchedule, StepCallbacks
-from .conditioning import embed_texts, embed_weighted, prompt_tokens
+from .conditioning import TextEmbeddings, embed_texts, embed_weighted, masks_padding, prompt_tokens, weight_rows
 from .control.edits import FEATURE_LAYERS, AttentionReweight, LocalBlend, PromptToPrompt
 from .control.guided import AttentionGuide, Guide
 from .control.steps import StepRange
@@ -59,16 +59,17 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
     schedule = parse_schedule(prompt, steps)  # [(end_step, text), ...]
     tokens = [prompt_tokens(pipe, text) for _, text in schedule]
     prompt_of_step = [next(k for k, (end, _) in enumerate(schedule) if s < end) for s in range(steps)]
+    negative, chunks = _negative(pipe, negative_prompt, tokens)
     if weight_mode == "attention":
-        embedded = embed_texts(pipe, [t.clean for t in tokens])
-        weights = torch.tensor([t.weights for t in tokens])  # (prompts, S)
+        embedded = embed_texts(pipe, tokens, chunks)
+        weights = weight_rows(tokens, chunks)  # (prompts, S)
     else:
         mode = "compel" if weight_mode == "embedding" else weight_mode.removeprefix("embedding-")
-        embedded = embed_weighted(pipe, tokens, mode)
+        embedded = embed_weighted(pipe, tokens, mode, chunks)
         weights = torch.ones(1)
     schedule_callback = PromptSchedule(pipe, embedded.embeds, embedded.mask, prompt_of_step,
                                        pooled=embedded.pooled) if len(tokens) > 1 else None
-    text = embedded[:1].pipeline_kwargs(pipe)
+    text = {**embedded[:1].pipeline_kwargs(pipe), **negative}
     with ExitStack() as stack:
         guided = _guided(stack, pipe, guide, [tokens[0]])
         callbacks = StepCallbacks([(schedule_callback, None), guided,
@@ -76,8 +77,25 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
         if (weights != 1).any():
             stack.enter_context(AttentionReweight(pipe, lambda s: weights[prompt_of_step[min(s, steps - 1)]][None],
                                                   steps=weight_steps))
-        return pipe(**text, negative_prompt=negative_prompt, num_inference_steps=steps, **callbacks.kwargs(),
-                    **kwargs)
+        return pipe(**text, num_inference_steps=steps, **callbacks.kwargs(), **kwargs)
+
+
+def _negative(pipe, negative_prompt: str | None, tokens) -> tuple[dict, int]:
+    """The pipeline call's negative-prompt arguments and the windows every text is embedded in: one window,
+    the negative prompt as it is (the pipeline encodes it); a prompt or negative prompt longer than a window
+    (Stable Diffusion and SDXL, `TokenizedPrompt.chunks`): both in as many windows, so the negative is embedded
+    here (SDXL's zeros for no negative prompt kept)."""
+    if masks_padding(pipe):
+        return {"negative_prompt": negative_prompt}, 1
+    negative = prompt_tokens(pipe, negative_prompt or "", syntax=False)
+    chunks = max(t.chunks for t in [*tokens, negative])
+    if chunks == 1:
+        return {"negative_prompt": negative_prompt}, 1
+    text = embed_texts(pipe, [negative], chunks)
+    if negative_prompt is None and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        text = TextEmbeddings(torch.zeros_like(text.embeds), text.mask,
+                              None if text.pooled is None else torch.zeros_like(text.pooled))
+    return {f"negative_{k}": v for k, v in text.pipeline_kwargs(pipe).items()}, chunks
 
 
 def _generate_and(pipe, parts: list[tuple[str, float]], *, weight_mode: str, steps: int, negative_prompt,
@@ -97,9 +115,11 @@ def _generate_and(pipe, parts: list[tuple[str, float]], *, weight_mode: str, ste
             raise ValueError(f"prompt editing over steps ([from:to:when]) inside the AND sub-prompt {text!r} is not "
                              "supported")
     mode = "compel" if weight_mode in ("attention", "embedding") else weight_mode.removeprefix("embedding-")
-    embedded = embed_weighted(pipe, [text for text, _ in parts], mode)
+    tokens = [prompt_tokens(pipe, text) for text, _ in parts]
+    negative, chunks = _negative(pipe, negative_prompt, tokens)
+    embedded = embed_weighted(pipe, tokens, mode, chunks)
     with Composable(pipe, embedded[1:], [w for _, w in parts]):
-        return pipe(**embedded[:1].pipeline_kwargs(pipe), negative_prompt=negative_prompt, num_inference_steps=steps,
+        return pipe(**embedded[:1].pipeline_kwargs(pipe), **negative, num_inference_steps=steps,
                     **callbacks.kwargs(), **kwargs)
 
 

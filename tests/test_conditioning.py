@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 
-from diffxattn.conditioning import TokenizedPrompt, encode, masks_padding, token_weight_rows
+from diffxattn.conditioning import TokenizedPrompt, encode, masks_padding, weight_rows
 
 LONG = "a red circle left of a blue square above a green triangle below a yellow diamond"
 
@@ -20,7 +20,8 @@ def test_a_tokenized_prompt_has_clean_text_ids_words_and_weights(tiny_pipe):
     assert len(t.weights) == 16 and t.weights[2] == 1.5 and sum(w != 1 for w in t.weights) == 1
     assert t.word_weights() == {"red": 1.5} and t.positions(["red", "circle"]) == [2, t.words[3][1][0]]
     assert TokenizedPrompt.of(tok, t) is t
-    assert token_weight_rows(tok, ["a (red:1.5) crimson circle", "a circle"]).tolist() == [t.weights, [1.0] * 16]
+    assert weight_rows([t, TokenizedPrompt.of(tok, "a circle")]).tolist() == [t.weights, [1.0] * 16]
+    assert weight_rows([t], chunks=2).tolist() == [t.weights + [1.0] * 16]  # as many windows as asked
 
 
 def test_truncation_keeps_the_words_inside_the_window_and_names_the_rest(tiny_pipe):

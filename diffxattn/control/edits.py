@@ -104,6 +104,11 @@ class PromptToPrompt(ControllerContext):
             raise ValueError(f"feature layers {unknown} are not modules of the UNet; its ResBlocks are {resnets}")
         self.feature_replace, self.feature_layers, self.hooks = StepRange.of(feature_replace), list(feature_layers), []
         source, target = prompt_tokens(pipe, source), prompt_tokens(pipe, target)
+        for tokens in (source, target):
+            if tokens.chunks > 1:
+                raise ValueError(f"prompt-to-prompt edits read one window of the text encoder; {tokens.prompt!r} "
+                                 f"takes {tokens.chunks} (more than {len(tokens.weights) // tokens.chunks - 2} tokens, "
+                                 "or BREAK)")
         self.prompts = [source.clean, target.clean]
         tokenizer = tokenizers(pipe)[0]
         self.mapper, self.is_swap = token_mapper(tokenizer, source, target)

@@ -269,6 +269,9 @@ def plan(tokenizer, prompt: str | TokenizedPrompt, guide: Guide) -> _Plan:
     """The token positions of each objective of `guide` in `prompt`; a word not in the prompt is a ValueError
     naming it and the prompt's words."""
     tokens = TokenizedPrompt.of(tokenizer, prompt)
+    if tokens.chunks > 1:
+        raise ValueError(f"attention-guided sampling reads one window of the text encoder; {tokens.prompt!r} takes "
+                         f"{tokens.chunks} (more than {tokenizer.model_max_length - 2} tokens, or BREAK)")
     keys = word_keys([w for w, _ in tokens.words])
     positions = dict(zip(keys, (p for _, p in tokens.words)))
 
