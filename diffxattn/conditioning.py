@@ -49,7 +49,8 @@ class _Word:
 
 def _words_from_offsets(text: str, tokenizer) -> list[_Word]:
     """Fast tokenizers report each token's word and character span: use them as they are."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)  # no length warning:
+    # a prompt longer than the encoder's window is chunked, or its dropped words are named (`check_length`)
     ids = list(enc["input_ids"])
     tokens = tokenizer.convert_ids_to_tokens(ids)
     words: list[_Word] = []
@@ -303,7 +304,7 @@ def prompt_tokens(pipe, prompt: str | TokenizedPrompt, *, syntax: bool = True) -
     tokenizer must split the prompt into the same words, each into as many tokens, or maps and weights would
     address the wrong tokens of one encoder: a ValueError names the first word they split differently."""
     first, *others = tokenizers(pipe)
-    chunked = not masks_padding(pipe)
+    chunked = getattr(pipe, "unet", None) is not None and not masks_padding(pipe)  # SD and SDXL, not SD3
     if syntax and not chunked and isinstance(prompt, str) and break_columns(prompt):
         raise ValueError(f"BREAK at column {break_columns(prompt)[0]} of {shorten(prompt, 80)!r}: it starts a new "
                          "75-token window of Stable Diffusion's text encoder, and this pipeline's text encoder reads "
@@ -413,7 +414,11 @@ def embed_texts(pipe, texts: list[str | TokenizedPrompt], chunks: int = 1) -> Te
     texts = [t.clean if isinstance(t, TokenizedPrompt) else t for t in texts]
     if masks_padding(pipe):
         return TextEmbeddings(*pipe.encode_prompt(texts))
-    if takes_pooled(pipe):
+    if getattr(pipe, "unet", None) is None:  # SD3: the CLIP window (both encoders), then T5's tokens
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None,
+                                                  device=pipe._execution_device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+    elif takes_pooled(pipe):
         embeds, _, pooled, _ = pipe.encode_prompt(texts, device=pipe._execution_device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
     else:

@@ -52,6 +52,8 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
         raise ValueError(f"weight mode {weight_mode!r}; expected one of {WEIGHT_MODES}")
     steps = _steps(pipe, num_inference_steps)
     parts = split_and(prompt, strict=getattr(pipe, "strict", False))
+    if getattr(pipe, "unet", None) is None:
+        _check_sd3(pipe, prompt, parts, weight_mode, steps, guide)
     if len(parts) > 1:
         return _generate_and(pipe, parts, weight_mode=weight_mode, steps=steps, negative_prompt=negative_prompt,
                              guide=guide, callbacks=StepCallbacks([(callback_on_step_end,
@@ -62,7 +64,8 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
     negative, chunks = _negative(pipe, negative_prompt, tokens)
     if weight_mode == "attention":
         embedded = embed_texts(pipe, tokens, chunks)
-        weights = weight_rows(tokens, chunks)  # (prompts, S)
+        weights = weight_rows(tokens, chunks)  # (prompts, S): SD3's T5 tokens after the CLIP window weigh 1
+        weights = F.pad(weights, (0, embedded.embeds.shape[1] - weights.shape[1]), value=1.0)
     else:
         mode = "compel" if weight_mode == "embedding" else weight_mode.removeprefix("embedding-")
         embedded = embed_weighted(pipe, tokens, mode, chunks)
@@ -78,6 +81,17 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
             stack.enter_context(AttentionReweight(pipe, lambda s: weights[prompt_of_step[min(s, steps - 1)]][None],
                                                   steps=weight_steps))
         return pipe(**text, num_inference_steps=steps, **callbacks.kwargs(), **kwargs)
+
+
+def _check_sd3(pipe, prompt: str, parts: list, weight_mode: str, steps: int, guide: Guide | None) -> None:
+    """On SD3, `generate` does word weights in attention mode only: a ValueError names what else was asked."""
+    asked = [what for what, on in (
+        (f"weight mode {weight_mode!r}", weight_mode != "attention"), ("AND sub-prompts", len(parts) > 1),
+        ("prompt editing over steps", len(parse_schedule(prompt, steps)) > 1), ("attention guidance", bool(guide)))
+        if on]
+    if asked:
+        raise ValueError(f"on SD3 (joint attention) generate reads word weights in 'attention' mode only, not "
+                         f"{', '.join(asked)}")
 
 
 def _negative(pipe, negative_prompt: str | None, tokens) -> tuple[dict, int]:

@@ -90,3 +90,30 @@ def tiny_sdxl_refiner(tmp_dir):
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(tmp_dir / "refiner")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sd3_pipeline(tmp_dir):
+    """A tiny random Stable Diffusion 3 pipeline (16x16 images): an MMDiT (`SD3Transformer2DModel`, 2x2 patches,
+    two joint-attention blocks) reading two CLIP encoders' penultimate states side by side (32 + 32 channels) and
+    their pooled outputs; no T5 encoder (SD3 then reads zeros in its place, as `text_encoder_3=None` allows)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = text_mod.build_tokenizer(CAPTIONS, tmp_dir / "tok", max_length=16)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModelWithProjection(text_mod.text_encoder_config(tokenizer, hidden_size=32, num_layers=2,
+                                                                            num_heads=2))
+    tokenizer_2, text_encoder_2 = _sdxl_text(tmp_dir)
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+                                        caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=8)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), latent_channels=4,
+                        norm_num_groups=32, sample_size=16, shift_factor=0.0)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                    text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                                    tokenizer_2=tokenizer_2, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

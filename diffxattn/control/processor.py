@@ -1,7 +1,8 @@
 """The one attention-control mechanism: a processor that hands attention probabilities to controllers.
 
 Works on any pipeline whose UNet's attention layers are diffusers `Attention` modules with a processor it knows
-(XAttnUNet, `UNet2DConditionModel` of Stable Diffusion and SDXL; anything else is an error naming the layer,
+(XAttnUNet, `UNet2DConditionModel` of Stable Diffusion and SDXL, and for capture SD3's `SD3Transformer2DModel`,
+whose joint attention is read as image-to-text attention; anything else is an error naming the layer,
 `check_supported`): installing swaps the `processor` of every attention layer for a
 `ControlledProcessor` and hooks the scheduler, which tells the controllers when a run starts and a step
 ends (`steps.StepClock`); uninstalling puts everything back (`PipelineHooks`).
@@ -102,7 +103,7 @@ class UNetCallShape:
         self.latent_hw, self.cfg = (1, 1), False
 
     def __call__(self, module, args, kwargs) -> None:
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))  # UNet / SD3 transformer
         self.latent_hw = tuple(sample.shape[-2:])
         self.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
 
@@ -116,8 +117,11 @@ class ControlledProcessor:
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         controllers = [self.hooks.exclusive] if self.hooks.exclusive else self.controllers
-        call = self.hooks.call(self.name, attn, hidden_states) if controllers else None
+        joint = encoder_hidden_states is not None and getattr(attn, "add_k_proj", None) is not None
+        call = self.hooks.call(self.name, attn, hidden_states, joint) if controllers else None
         active = [c for c in controllers if c.wants(call)]
+        if joint and active:
+            return self._joint(attn, call, active, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         attend = None if kwargs else getattr(self.original, "attend", None)  # ours: output from the inputs below
         if not active or attend is None:
             out = self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
@@ -141,22 +145,69 @@ class ControlledProcessor:
             c.observe(call, edited[call.cond_start:])
         return out + _project_delta(attn, (edited - probs) @ inputs.v, inputs)
 
+    def _joint(self, attn, call, active, hidden_states, encoder_hidden_states, attention_mask, **kwargs):
+        """SD3's joint attention: controllers see and edit the image-to-text block of the joint probabilities
+        (`joint_text_probs`); an edit changes the image tokens' output by (edited - original block) @ V_text,
+        projected by to_out (the text tokens' output and the image-to-image attention stay the layer's own)."""
+        out = self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                            attention_mask=attention_mask, **kwargs)
+        editors = [c for c in active if c.edits]
+        if not editors:
+            rows = slice(call.cond_start, None)
+            probs = joint_text_probs(attn, hidden_states[rows], encoder_hidden_states[rows])
+            for c in active:
+                c.observe(call, probs)
+            return out
+        probs = joint_text_probs(attn, hidden_states, encoder_hidden_states)
+        edited = probs
+        for c in editors:
+            edited = c.edit(call, edited)
+        for c in active:
+            c.observe(call, edited[call.cond_start:])
+        b, heads = probs.shape[:2]
+        v = attn.add_v_proj(encoder_hidden_states).view(b, encoder_hidden_states.shape[1], heads, -1).transpose(1, 2)
+        delta = _project_delta(attn, (edited - probs) @ v, None)
+        return (out[0] + delta, *out[1:]) if isinstance(out, tuple) else out + delta
+
+
+def joint_text_probs(attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, T): how much of each image token's attention goes to each text token in a joint attention
+    layer (SD3's MMDiT): the image-query, text-key block of softmax(q k^T * scale) over the image and text keys
+    together, with the projections and q/k norms `JointAttnProcessor2_0` uses. A row sums to the share of the
+    image token's attention that goes to the text (< 1)."""
+    b = hidden_states.shape[0]
+
+    def heads(x: torch.Tensor, norm) -> torch.Tensor:
+        x = x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+        return x if norm is None else norm(x)
+
+    q = heads(attn.to_q(hidden_states), attn.norm_q)
+    k = torch.cat([heads(attn.to_k(hidden_states), attn.norm_k),
+                   heads(attn.add_k_proj(context), attn.norm_added_k)], dim=2)
+    return (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)[..., hidden_states.shape[1]:]
+
 
 def _rows(inputs: AttentionInputs, start: int) -> AttentionInputs:
     mask = inputs.mask[start:] if inputs.mask is not None and inputs.mask.shape[0] > 1 else inputs.mask
     return AttentionInputs(inputs.q[start:], inputs.k[start:], inputs.v[start:], mask, inputs.residual, inputs.shape4d)
 
 
-def _project_delta(attn: Attention, delta: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+def _project_delta(attn: Attention, delta: torch.Tensor, inputs: AttentionInputs | None) -> torch.Tensor:
     """A change of the per-head attention output (B, heads, N, d) -> the change of the layer output.
 
     to_out[0] is affine, so to_out(a + d) = to_out(a) + W d: the bias is not added again.
     """
-    if inputs.shape4d is not None:
+    if inputs is not None and inputs.shape4d is not None:
         raise NotImplementedError("attention edits on 4D (B, C, H, W) attention inputs are not supported")
     b, h, n, d = delta.shape
     delta = F.linear(delta.transpose(1, 2).reshape(b, n, h * d), attn.to_out[0].weight)
     return delta / attn.rescale_output_factor
+
+
+def denoiser(pipe):
+    """The pipeline's network whose attention is controlled: its UNet, or SD3's transformer."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
 
 
 def attention_layers(unet) -> dict[str, Attention]:
@@ -183,6 +234,13 @@ def _known_processors() -> tuple[type, ...]:
                              if hasattr(attention_processor, n)))
 
 
+def _joint_processor() -> type:
+    """SD3's joint attention processor: image and text keys in one softmax (`joint_text_probs`)."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    return JointAttnProcessor2_0
+
+
 def check_supported(unet) -> None:
     """Raise `UnsupportedAttentionError` naming the first attention module of `unet` the control layer does not
     cover: a processor class it does not know (a subclass may compute anything), a diffusers `Attention` with
@@ -193,6 +251,8 @@ def check_supported(unet) -> None:
     for name, m in unet.named_modules():
         if isinstance(m, Attention):
             processor = type(m.processor)
+            if processor is _joint_processor() and getattr(m, "add_k_proj", None) is not None:
+                continue  # SD3's joint attention
             if processor not in known:
                 raise UnsupportedAttentionError(
                     f"attention layer {name!r} uses processor {processor.__module__}.{processor.__qualname__}, which "
@@ -216,8 +276,8 @@ class PipelineHooks:
     steps, `StepClock`), `encode_prompt` (a run's prompts) and a UNet pre-hook (latent size, guidance)."""
 
     def __init__(self, pipe):
-        check_supported(pipe.unet)  # before anything is changed: an error leaves the pipeline as it was
-        self.pipe, self.unet = pipe, pipe.unet
+        check_supported(denoiser(pipe))  # before anything is changed: an error leaves the pipeline as it was
+        self.pipe, self.unet = pipe, denoiser(pipe)
         self.controllers: list[Controller] = []
         self.exclusive: Controller | None = None  # set by `alone`: the one controller a UNet call reaches
         self.clock = StepClock(pipe.scheduler, self._run_started, self._step_ended)
@@ -256,14 +316,15 @@ class PipelineHooks:
                                "steps are unknown; set the scheduler before installing them (the `with` block)")
         self.shape(module, args, kwargs)
 
-    def call(self, name: str, attn: Attention, hidden_states: torch.Tensor) -> AttnCall:
-        """The AttnCall of layer `name` for the current UNet call."""
+    def call(self, name: str, attn: Attention, hidden_states: torch.Tensor, joint: bool = False) -> AttnCall:
+        """The AttnCall of layer `name` for the current UNet call; `joint`: SD3's joint attention, whose image
+        queries attend to the text (a cross-attention call for the controllers)."""
         batch = hidden_states.shape[0]
         n = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
         lh, lw = self.shape.latent_hw
         factor = max(1, round((lh * lw / n) ** 0.5))  # how much this layer is down-sampled
         step = min(self.clock.step, self.clock.num_steps - 1)  # a UNet call after the last step stays in the run
-        return AttnCall(layer=name, block=block_of(name), cross=attn.is_cross_attention, height=lh // factor,
+        return AttnCall(layer=name, block=block_of(name), cross=attn.is_cross_attention or joint, height=lh // factor,
                         width=lw // factor, step=step,
                         num_steps=self.clock.num_steps, heads=attn.heads, batch=batch,
                         cond_start=batch // 2 if self.shape.cfg and not self.exclusive else 0, latent=(lh, lw))
@@ -283,8 +344,8 @@ _INSTALLED: dict[int, PipelineHooks] = {}  # id(unet) -> its hooks, while any co
 
 
 def install(pipe, controller: Controller) -> None:
-    """Add `controller` to `pipe.unet`'s attention layers (hooking the pipeline on the first one)."""
-    key = id(pipe.unet)
+    """Add `controller` to the attention layers of `pipe`'s UNet (hooking the pipeline on the first one)."""
+    key = id(denoiser(pipe))
     if key not in _INSTALLED:
         _INSTALLED[key] = PipelineHooks(pipe)
     _INSTALLED[key].controllers.append(controller)
@@ -293,7 +354,7 @@ def install(pipe, controller: Controller) -> None:
 
 def uninstall(pipe, controller: Controller) -> None:
     """Remove `controller`; when it was the last one, the pipeline gets its original processors and methods back."""
-    key = id(pipe.unet)
+    key = id(denoiser(pipe))
     hooks = _INSTALLED.get(key)
     if hooks is None or controller not in hooks.controllers:
         return
@@ -312,14 +373,14 @@ def controlled(unet) -> bool:
 def step_clock(pipe) -> StepClock:
     """The run and step counter of `pipe`, for a controller that also hooks other modules (e.g. ResBlocks);
     valid from the controller's `begin` until its `end`."""
-    return _INSTALLED[id(pipe.unet)].clock
+    return _INSTALLED[id(denoiser(pipe))].clock
 
 
 @contextlib.contextmanager
 def alone(pipe, controller: Controller):
     """UNet calls inside reach `controller` alone, and all their rows are conditional: for a controller's own extra
     UNet calls (attention guidance's gradient pass), which other controllers (a store, an edit) must not see."""
-    hooks = _INSTALLED[id(pipe.unet)]
+    hooks = _INSTALLED[id(denoiser(pipe))]
     hooks.exclusive = controller
     try:
         yield
