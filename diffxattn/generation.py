@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .callbacks import PromptSchedule, StepCallbacks
-from .conditioning import TextEmbeddings, embed_texts, embed_weighted, masks_padding, prompt_tokens, weight_rows
+from .conditioning import TextEmbeddings, embed_texts, embed_weighted, prompt_tokens, weight_rows
 from .control.edits import FEATURE_LAYERS, AttentionReweight, LocalBlend, PromptToPrompt
 from .control.guided import AttentionGuide, Guide
 from .control.steps import StepRange
@@ -61,7 +61,7 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
     schedule = parse_schedule(prompt, steps)  # [(end_step, text), ...]
     tokens = [prompt_tokens(pipe, text) for _, text in schedule]
     prompt_of_step = [next(k for k, (end, _) in enumerate(schedule) if s < end) for s in range(steps)]
-    negative, chunks = _negative(pipe, negative_prompt, tokens)
+    negative, chunks = _negative(pipe, negative_prompt, tokens, weight_mode)
     if weight_mode == "attention":
         embedded = embed_texts(pipe, tokens, chunks)
         weights = weight_rows(tokens, chunks)  # (prompts, S): SD3's T5 tokens after the CLIP window weigh 1
@@ -94,18 +94,27 @@ def _check_sd3(pipe, prompt: str, parts: list, weight_mode: str, steps: int, gui
                          f"{', '.join(asked)}")
 
 
-def _negative(pipe, negative_prompt: str | None, tokens) -> tuple[dict, int]:
-    """The pipeline call's negative-prompt arguments and the windows every text is embedded in: one window,
-    the negative prompt as it is (the pipeline encodes it); a prompt or negative prompt longer than a window
-    (Stable Diffusion and SDXL, `TokenizedPrompt.chunks`): both in as many windows, so the negative is embedded
-    here (SDXL's zeros for no negative prompt kept)."""
-    if masks_padding(pipe):
+def _negative(pipe, negative_prompt: str | None, tokens, weight_mode: str) -> tuple[dict, int]:
+    """The pipeline call's negative-prompt arguments, and the windows every text is embedded in.
+
+    The negative prompt is read as Automatic1111 reads it: weight syntax, and on Stable Diffusion and SDXL
+    windows and ``BREAK`` (`TokenizedPrompt`). Its weights act on its embeddings (the unconditional rows' attention
+    is not reweighted): as `weight_mode` says for the embedding modes, with Automatic1111's "Original" emphasis in
+    "attention" mode. A plain one-window negative prompt goes to the pipeline as it is; otherwise it is embedded
+    here, in as many windows as the prompt (SDXL's zeros for no negative prompt kept). SD3 reads it as text.
+    """
+    if getattr(pipe, "unet", None) is None:
         return {"negative_prompt": negative_prompt}, 1
-    negative = prompt_tokens(pipe, negative_prompt or "", syntax=False)
+    negative = prompt_tokens(pipe, negative_prompt or "")
     chunks = max(t.chunks for t in [*tokens, negative])
-    if chunks == 1:
+    weighted = any(w != 1 for w in negative.weights)
+    if chunks == 1 and not weighted and negative.clean == (negative_prompt or ""):
         return {"negative_prompt": negative_prompt}, 1
-    text = embed_texts(pipe, [negative], chunks)
+    if weighted:
+        mode = {"attention": "a1111", "embedding": "compel"}.get(weight_mode, weight_mode.removeprefix("embedding-"))
+        text = embed_weighted(pipe, [negative], mode, chunks)
+    else:
+        text = embed_texts(pipe, [negative], chunks)
     if negative_prompt is None and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
         text = TextEmbeddings(torch.zeros_like(text.embeds), text.mask,
                               None if text.pooled is None else torch.zeros_like(text.pooled))
@@ -130,7 +139,7 @@ def _generate_and(pipe, parts: list[tuple[str, float]], *, weight_mode: str, ste
                              "supported")
     mode = "compel" if weight_mode in ("attention", "embedding") else weight_mode.removeprefix("embedding-")
     tokens = [prompt_tokens(pipe, text) for text, _ in parts]
-    negative, chunks = _negative(pipe, negative_prompt, tokens)
+    negative, chunks = _negative(pipe, negative_prompt, tokens, weight_mode)
     embedded = embed_weighted(pipe, tokens, mode, chunks)
     with Composable(pipe, embedded[1:], [w for _, w in parts]):
         return pipe(**embedded[:1].pipeline_kwargs(pipe), **negative, num_inference_steps=steps,

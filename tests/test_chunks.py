@@ -181,10 +181,10 @@ def test_generate_with_break_samples_the_concatenated_windows(sd_pipe, sdxl):
 
 
 def test_a_long_negative_prompt_gets_the_prompt_as_many_windows(sd_pipe):
-    negative = f"{B} BREAK {A}"  # read without syntax: BREAK is a word there, but the text needs two windows
-    image = generate(sd_pipe, A, negative_prompt=negative + " and more", generator=seeded(), **KW).images
+    negative = f"{B} and {A} above all"  # longer than a window
+    image = generate(sd_pipe, A, negative_prompt=negative, generator=seeded(), **KW).images
     text, empty, long = (embed_texts(sd_pipe, [A]), embed_texts(sd_pipe, [""]),
-                         embed_texts(sd_pipe, [prompt_tokens(sd_pipe, negative + " and more", syntax=False)]))
+                         embed_texts(sd_pipe, [prompt_tokens(sd_pipe, negative)]))
     assert long.embeds.shape[1] == 32
     direct = sd_pipe(prompt_embeds=torch.cat([text.embeds, empty.embeds], dim=1), negative_prompt_embeds=long.embeds,
                      generator=seeded(), **KW).images
@@ -223,3 +223,28 @@ def test_break_on_our_pipeline_and_chunked_edits_and_guides_are_refused(tiny_pip
         edit(sd_pipe, f"{A} BREAK {B}", f"{A} BREAK {B.replace('blue', 'green')}", **KW)
     with pytest.raises(ValueError, match="attention-guided sampling reads one window"):
         generate(sd_pipe, f"{A} BREAK {B}", guide=Guide(excite=("circle",)), **KW)
+
+
+def test_the_negative_prompt_is_read_with_its_weights(tiny_pipe, sd_pipe):
+    kw = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np")
+    for pipe in (tiny_pipe, sd_pipe):
+        plain = generate(pipe, A, negative_prompt="a blue square", generator=seeded(), **kw).images
+        assert np.array_equal(plain, pipe(A, negative_prompt="a blue square", generator=seeded(), **kw).images)
+        weighted = generate(pipe, A, negative_prompt="a (blue:1.6) square", generator=seeded(), **kw).images
+        negative = embed_weighted(pipe, ["a (blue:1.6) square"], "a1111")  # "Original" emphasis in attention mode
+        direct = pipe(**embed_texts(pipe, [A]).pipeline_kwargs(pipe), generator=seeded(), **kw,
+                      **{f"negative_{k}": v for k, v in negative.pipeline_kwargs(pipe).items()}).images
+        np.testing.assert_allclose(weighted, direct, atol=1e-6)
+        assert not np.allclose(weighted, plain, atol=1e-4)
+        compel = generate(pipe, A, negative_prompt="a (blue:0.5) square", weight_mode="embedding",
+                          generator=seeded(), **kw).images
+        negative = embed_weighted(pipe, ["a (blue:0.5) square"], "compel")
+        direct = pipe(**embed_texts(pipe, [A]).pipeline_kwargs(pipe), generator=seeded(), **kw,
+                      **{f"negative_{k}": v for k, v in negative.pipeline_kwargs(pipe).items()}).images
+        np.testing.assert_allclose(compel, direct, atol=1e-6)
+    broken = generate(sd_pipe, A, negative_prompt=f"{B} BREAK {A}", generator=seeded(), **kw).images
+    empty, two = embed_texts(sd_pipe, [""]), embed_texts(sd_pipe, [B, A])
+    direct = sd_pipe(prompt_embeds=torch.cat([embed_texts(sd_pipe, [A]).embeds, empty.embeds], dim=1),
+                     negative_prompt_embeds=torch.cat([two.embeds[:1], two.embeds[1:]], dim=1), generator=seeded(),
+                     **kw).images
+    np.testing.assert_allclose(broken, direct, atol=1e-5)
