@@ -399,7 +399,8 @@ class TextEmbeddings:
         return kwargs
 
 
-def embed_texts(pipe, texts: list[str | TokenizedPrompt], chunks: int = 1) -> TextEmbeddings:
+def embed_texts(pipe, texts: list[str | TokenizedPrompt], chunks: int = 1, max_sequence_length: int = 256
+                ) -> TextEmbeddings:
     """Embeddings of texts (strings without weight syntax, or `TokenizedPrompt`s, whose clean text is read)
     through the pipeline's own `encode_prompt`, so they are the bits the pipeline itself would use: ours masks
     padding keys; Stable Diffusion attends to every position; SDXL adds its pooled embedding.
@@ -407,6 +408,7 @@ def embed_texts(pipe, texts: list[str | TokenizedPrompt], chunks: int = 1) -> Te
     Chunked prompts (`TokenizedPrompt.chunks` > 1), or `chunks` > 1, are encoded as Automatic1111 does: every
     row in max(chunks) windows, each window encoded on its own and the windows concatenated; a row with fewer
     windows is filled with the empty prompt's; SDXL's pooled embedding is the first window's.
+    `max_sequence_length`: SD3's T5 tokens after the CLIP window (its pipeline's argument and default).
     """
     count = max([chunks] + [t.chunks for t in texts if isinstance(t, TokenizedPrompt)])
     if count > 1:
@@ -417,7 +419,8 @@ def embed_texts(pipe, texts: list[str | TokenizedPrompt], chunks: int = 1) -> Te
     if getattr(pipe, "unet", None) is None:  # SD3: the CLIP window (both encoders), then T5's tokens
         embeds, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None,
                                                   device=pipe._execution_device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=max_sequence_length)
     elif takes_pooled(pipe):
         embeds, _, pooled, _ = pipe.encode_prompt(texts, device=pipe._execution_device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)

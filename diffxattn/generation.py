@@ -63,7 +63,8 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
     prompt_of_step = [next(k for k, (end, _) in enumerate(schedule) if s < end) for s in range(steps)]
     negative, chunks = _negative(pipe, negative_prompt, tokens, weight_mode)
     if weight_mode == "attention":
-        embedded = embed_texts(pipe, tokens, chunks)
+        sd3 = {"max_sequence_length": kwargs["max_sequence_length"]} if "max_sequence_length" in kwargs else {}
+        embedded = embed_texts(pipe, tokens, chunks, **sd3)  # the T5 length SD3's own call would embed
         weights = weight_rows(tokens, chunks)  # (prompts, S): SD3's T5 tokens after the CLIP window weigh 1
         weights = F.pad(weights, (0, embedded.embeds.shape[1] - weights.shape[1]), value=1.0)
     else:

@@ -28,6 +28,14 @@ def sd3(tmp_path_factory):
     return tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3"))
 
 
+def _text_length(pipe, max_sequence_length: int) -> int:
+    """Text tokens SD3's own call embeds: the 16 CLIP positions, then T5's zeros (this pipeline has no T5), as
+    many as `max_sequence_length` says (diffusers 0.35: the tokenizer's length, whatever it says)."""
+    embeds = pipe.encode_prompt(PROMPT, None, None, do_classifier_free_guidance=False,
+                                max_sequence_length=max_sequence_length)[0]
+    return embeds.shape[1]
+
+
 def _processors(pipe) -> dict:
     return {n: m.processor for n, m in attention_layers(pipe.transformer).items()}
 
@@ -39,8 +47,8 @@ def test_capture_is_bit_identical_and_maps_every_word(sd3):
         captured = sd3(PROMPT, generator=seeded(), **KW).images
     assert np.array_equal(plain, captured)
     assert _processors(sd3) == before and id(sd3.transformer) not in _INSTALLED
-    tokens = store.token_maps()  # (S, H, W): 16 CLIP positions, then the 8 (zero) T5 ones
-    assert tokens.shape == (16 + 8, 16, 16) and store.captured_resolutions == [8 // 2]
+    tokens = store.token_maps()  # (S, H, W): 16 CLIP positions, then the (zero) T5 ones
+    assert tokens.shape == (_text_length(sd3, 8), 16, 16) and _text_length(sd3, 8) > 16 and store.captured_resolutions == [8 // 2]
     assert store.steps_seen == {0, 1, 2}
     maps = store.word_maps(prompt=PROMPT)
     assert list(maps) == PROMPT.split() and all(m.min() >= 0 and m.sum() > 0 for m in maps.values())
@@ -103,13 +111,13 @@ def test_a_reweight_edits_the_image_rows_as_the_explicit_joint_softmax_would(sd3
 
 
 def test_word_weights_on_sd3(sd3):
-    kw = {**KW, "max_sequence_length": 256}  # generate embeds the prompt with SD3's default T5 length
-    plain = sd3(PROMPT, generator=seeded(), **kw).images
-    assert np.array_equal(generate(sd3, PROMPT, generator=seeded(), **kw).images, plain)
-    assert np.array_equal(generate(sd3, "a (red:1) circle at the left", generator=seeded(), **kw).images, plain)
-    with AttentionReweight(sd3, torch.ones(1, 16 + 256)):  # the edit path, changing nothing: not a bit
-        assert np.array_equal(sd3(PROMPT, generator=seeded(), **kw).images, plain)
-    weighted = generate(sd3, "a (red:3) circle at the left", generator=seeded(), **kw).images
+    # generate embeds the prompt with the T5 length it is given (KW's), as the pipeline's own call does
+    plain = sd3(PROMPT, generator=seeded(), **KW).images
+    assert np.array_equal(generate(sd3, PROMPT, generator=seeded(), **KW).images, plain)
+    assert np.array_equal(generate(sd3, "a (red:1) circle at the left", generator=seeded(), **KW).images, plain)
+    with AttentionReweight(sd3, torch.ones(1, _text_length(sd3, 8))):  # the edit path, changing nothing: not a bit
+        assert np.array_equal(sd3(PROMPT, generator=seeded(), **KW).images, plain)
+    weighted = generate(sd3, "a (red:3) circle at the left", generator=seeded(), **KW).images
     assert not np.allclose(weighted, plain, atol=1e-3)
     with pytest.raises(ValueError, match="on SD3 .* not weight mode 'embedding', AND sub-prompts"):
-        generate(sd3, "a red circle AND a square", weight_mode="embedding", **kw)
+        generate(sd3, "a red circle AND a square", weight_mode="embedding", **KW)
