@@ -118,7 +118,7 @@ def test_attention_tools_measures_capture_edit_guided_and_store_memory(tmp_path)
     check_common(data, "attention_tools")
     rows = {r["metric"]: r for r in data["comparisons"]}
     assert set(rows) == {"capture", "edit", "guided", "store memory"}
-    assert rows["guided"]["target"] == "<= 3" and rows["guided"]["ratio"] > 1  # a gradient pass costs time
+    assert rows["guided"]["target"] == "<= 3"  # its ratio is timing: quick sizes check the plumbing, not the speed
     assert rows["store memory"]["ratio"] == 1.0 and rows["store memory"]["met"]  # summed maps: no growth
 
 
