@@ -48,7 +48,8 @@ def test_capture_is_bit_identical_and_maps_every_word(sd3):
     assert np.array_equal(plain, captured)
     assert _processors(sd3) == before and id(sd3.transformer) not in _INSTALLED
     tokens = store.token_maps()  # (S, H, W): 16 CLIP positions, then the (zero) T5 ones
-    assert tokens.shape == (_text_length(sd3, 8), 16, 16) and _text_length(sd3, 8) > 16 and store.captured_resolutions == [8 // 2]
+    length = _text_length(sd3, KW["max_sequence_length"])
+    assert length > 16 and tokens.shape == (length, 16, 16) and store.captured_resolutions == [8 // 2]
     assert store.steps_seen == {0, 1, 2}
     maps = store.word_maps(prompt=PROMPT)
     assert list(maps) == PROMPT.split() and all(m.min() >= 0 and m.sum() > 0 for m in maps.values())
@@ -115,7 +116,8 @@ def test_word_weights_on_sd3(sd3):
     plain = sd3(PROMPT, generator=seeded(), **KW).images
     assert np.array_equal(generate(sd3, PROMPT, generator=seeded(), **KW).images, plain)
     assert np.array_equal(generate(sd3, "a (red:1) circle at the left", generator=seeded(), **KW).images, plain)
-    with AttentionReweight(sd3, torch.ones(1, _text_length(sd3, 8))):  # the edit path, changing nothing: not a bit
+    ones = torch.ones(1, _text_length(sd3, KW["max_sequence_length"]))
+    with AttentionReweight(sd3, ones):  # the edit path, changing nothing: not a bit
         assert np.array_equal(sd3(PROMPT, generator=seeded(), **KW).images, plain)
     weighted = generate(sd3, "a (red:3) circle at the left", generator=seeded(), **KW).images
     assert not np.allclose(weighted, plain, atol=1e-3)
