@@ -12,6 +12,8 @@ All on one DiffXAttnPipeline around the shapes-32 XAttnUNet (random weights; DDI
   pass in the first half of the steps, refinement at 20% and 40%) of a two-object prompt vs a plain generation of
   it; target <= 3x. With random weights the losses never reach the refinement targets, so every refinement
   takes all its iterations: the worst case.
+- box: a box on the source's shape word at its default settings (`Guide(boxes=...)`: the object moved into its
+  box at 40% and 60% of the steps) vs a plain generation of the source; target <= 3x.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import common  # noqa: E402
 NAME = "attention_tools"
 SOURCE, TARGET = "a red circle at the left", "a blue circle at the left"
 TWO = "a red circle left of a blue square"
+BOXED = "circle"  # the word of SOURCE the box row boxes
 
 
 def settings(quick: bool) -> dict:
@@ -70,7 +73,12 @@ def run(args) -> dict:
         return generate(pipe, TWO, guide=Guide(excite="auto", bind="auto"), num_inference_steps=n, height=size,
                         width=size, generator=torch.Generator().manual_seed(0), output_type="pt")
 
-    fns = {"plain": plain, "capture": captured, "edit": edited, "plain_two": plain_two, "guided": guided}
+    def boxed(n=steps):
+        return generate(pipe, SOURCE, guide=Guide(boxes=((BOXED, (0.5, 0.5, 1.0, 1.0)),)), num_inference_steps=n,
+                        height=size, width=size, generator=torch.Generator().manual_seed(0), output_type="pt")
+
+    fns = {"plain": plain, "capture": captured, "edit": edited, "plain_two": plain_two, "guided": guided,
+           "box": boxed}
     times = common.interleaved(fns, warmup=s["warmup"], repeats=s["repeats"])
     rows = [
         common.comparison(
@@ -103,6 +111,8 @@ def run(args) -> dict:
             ("<=", 3.0),
         )
     )
+    rows.append(common.comparison("box", "plain generation", "a box on one word", times["plain"], times["box"],
+                                  "s/image", ("<=", 3.0)))
     few, many = s["memory_steps"]
     store_few, store_many = captured(few), captured(many)
     rows.append(

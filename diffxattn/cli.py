@@ -382,6 +382,14 @@ def interval(text: str) -> tuple[float, float]:
     return limits.interval((_parse(start, float), _parse(end, float)), "START:END")
 
 
+def fractions(text: str) -> tuple[float, ...]:
+    """'F,...' step fractions strictly between 0 and 1 (--box-moves)."""
+    values = tuple(_parse(v.strip(), float) for v in text.split(","))
+    if not all(0 < v < 1 for v in values):  # NaN fails too
+        raise ValueError(f"expected comma-separated fractions of the steps between 0 and 1, e.g. 0.4,0.6, got {text}")
+    return values
+
+
 def seed(text: str) -> int:
     value = _parse(text, int)
     if not 0 <= value <= MAX_SEED:
@@ -403,8 +411,9 @@ def port(text: str) -> int:
     return value
 
 
-COUNT, STEPS, GUIDANCE, FRACTION, INTERVAL, SEED, RATE, PORT = (arg_type(f) for f in (
-    count, steps, guidance, fraction, interval, seed, rate, port))
+COUNT, STEPS, GUIDANCE, FRACTION, FRACTIONS, INTERVAL, SEED, RATE, PORT = (arg_type(f) for f in (
+    count, steps, guidance, fraction, fractions, interval, seed, rate, port))
+BOX_METHODS = ("move", "gradient")  # control.guided.BOX_METHODS (not imported: the CLI starts without torch)
 
 
 def add_guidance_options(p: argparse.ArgumentParser) -> None:
@@ -429,11 +438,15 @@ def add_attention_guide_options(p: argparse.ArgumentParser, words: bool = True) 
                        help="each attribute word attends where its noun does, not on the other nouns (Divide & Bind); "
                        "without a value: every color and size word to its shape (prompts in the shapes grammar)")
         a.add_argument("--box", nargs="+", metavar="WORD=X0,Y0,X1,Y1",
-                       help="the word's attention stays inside the box, in fractions of the image (BoxDiff)")
+                       help="the word's object is drawn in the box, in fractions of the image (see --box-method)")
     a.add_argument("--guide-steps", metavar="A:B", help="the guided steps (default 0:0.5, the first half)")
     a.add_argument("--guide-step-size", type=RATE, help="RMS change of the latents per gradient step (default 0.1)")
     a.add_argument("--guide-iterations", type=COUNT, help="most gradient steps at a refinement step (default 5)")
     a.add_argument("--bind-loss", choices=("jsd", "syngen"), help="jsd (Divide & Bind, default) or syngen (SynGen)")
+    a.add_argument("--box-method", choices=BOX_METHODS, help="move (default: the word's map locates its object, "
+                   "which is rolled into the box at --box-moves) or gradient (BoxDiff's losses over --guide-steps)")
+    a.add_argument("--box-moves", type=FRACTIONS, metavar="F,...",
+                   help="step fractions at which --box-method move places the objects (default 0.4,0.6)")
 
 
 def attention_guide(args, excite=None, bind=None, boxes=None):
@@ -442,7 +455,7 @@ def attention_guide(args, excite=None, bind=None, boxes=None):
 
     return parse_options(getattr(args, "excite", excite), getattr(args, "bind", bind), getattr(args, "box", boxes),
                          steps=args.guide_steps, step_size=args.guide_step_size, iterations=args.guide_iterations,
-                         bind_loss=args.bind_loss)
+                         bind_loss=args.bind_loss, box_method=args.box_method, moves=args.box_moves)
 
 
 def guided_methods(text: str) -> tuple[str, ...]:

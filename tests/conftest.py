@@ -65,6 +65,6 @@ def step_inputs(pipe, g, step: int, **kw):
         saved.update(tensors if i == step - 1 else {})
         return {}
 
-    pipe("a red circle", generator=seeded(0), callback_on_step_end=grab,
-         callback_on_step_end_tensor_inputs=g.tensor_inputs, **kw)
+    kw.setdefault("generator", seeded(0, kw.get("num_images_per_prompt", 1)))
+    pipe("a red circle", callback_on_step_end=grab, callback_on_step_end_tensor_inputs=g.tensor_inputs, **kw)
     return saved, pipe.scheduler.timesteps[step]

@@ -113,12 +113,12 @@ def test_speed_compares_ours_with_two_diffusers_unets_of_matched_size(tmp_path):
     assert "| train | ours |" in (tmp_path / "speed.md").read_text()
 
 
-def test_attention_tools_measures_capture_edit_guided_and_store_memory(tmp_path):
+def test_attention_tools_measures_capture_edit_guided_box_and_store_memory(tmp_path):
     data = run_quick("bench_attention_tools", tmp_path)
     check_common(data, "attention_tools")
     rows = {r["metric"]: r for r in data["comparisons"]}
-    assert set(rows) == {"capture", "edit", "guided", "store memory"}
-    assert rows["guided"]["target"] == "<= 3"  # its ratio is timing: quick sizes check the plumbing, not the speed
+    assert set(rows) == {"capture", "edit", "guided", "box", "store memory"}
+    assert rows["guided"]["target"] == rows["box"]["target"] == "<= 3"  # its ratio is timing: quick sizes check the plumbing, not the speed
     assert rows["store memory"]["ratio"] == 1.0 and rows["store memory"]["met"]  # summed maps: no growth
 
 

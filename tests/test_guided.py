@@ -2,15 +2,17 @@
 the command-line options and their errors, and the eval's guided and box scores."""
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from diffxattn import cli
 from diffxattn.cli import main
 from diffxattn.control import AttentionStore, StepRange
-from diffxattn.control.guided import (AttentionGuide, Guide, bind_loss, box_loss, box_mask, excite_loss,
-                                      parse_options, plan, text_maps)
+from diffxattn.control.guided import (BOX_METHODS, AttentionGuide, Guide, bind_loss, box_loss, box_mask, excite_loss,
+                                      move_into_box, object_center, parse_options, plan, text_maps)
 from diffxattn.eval.detector import detect
 from diffxattn.eval.metrics import box_iou, object_box_iou
 from diffxattn.eval.prompts import box_prompts
@@ -53,6 +55,32 @@ def test_box_loss_is_lower_for_a_map_inside_its_box():
     assert box_mask((0.5, 0.5, 0.52, 0.52), 8, 8).sum() == 1  # smaller than a cell: the cell holding it
 
 
+def test_object_center_is_the_peak_of_a_words_map():
+    m = blob((slice(2, 6), slice(10, 14)))  # rows 2-5, columns 10-13 of 16
+    assert object_center(m) == pytest.approx((12 / 16, 4 / 16))
+    m[0, 0] = 0.3  # weak attention elsewhere hardly moves it (4th power of the excess over the mean)
+    assert object_center(m) == pytest.approx((12 / 16, 4 / 16), abs=0.01)
+    assert object_center(torch.full((16, 16), 0.2)) is None
+
+
+def test_moving_into_a_box_carries_the_object_and_permutes_the_latents():
+    x = torch.randn(2, 32, 32)
+    x[:, 4:12, 4:12] = 5.0  # an 8x8 object at the upper left, centered at (0.25, 0.25)
+    box = (0.5, 0.5, 0.75, 0.75)  # the same size, centered at (0.625, 0.625): 12 pixels right and down
+    y = move_into_box(x, (0.25, 0.25), box)
+    assert (y[:, 16:24, 16:24] == 5.0).all() and (y == 5.0).sum() == (x == 5.0).sum()
+    assert torch.equal(y.flatten().sort().values, x.flatten().sort().values)  # a permutation: the noise's statistics
+    # the windows (10x10: 3-12 around the object, 15-24 at the box) are apart: they swap, every other pixel stays
+    assert torch.equal(y[:, 3:13, 3:13], x[:, 15:25, 15:25])
+    outside = torch.ones(32, 32, dtype=torch.bool)
+    outside[3:13, 3:13] = outside[15:25, 15:25] = False
+    assert torch.equal(y[:, outside], x[:, outside])
+    # overlapping windows (a 2-pixel move): still a permutation, the object still carried
+    z = move_into_box(x, (0.25, 0.25), (0.1875, 0.125, 0.4375, 0.375))
+    assert (z[:, 4:12, 6:14] == 5.0).all() and torch.equal(z.flatten().sort().values, x.flatten().sort().values)
+    assert move_into_box(x, (0.25, 0.25), (0.125, 0.125, 0.375, 0.375)) is x  # already centered
+
+
 def test_text_maps_renormalize_the_words_only():
     maps = torch.rand(6, 4, 4)
     text = text_maps(maps, eos=4)
@@ -89,8 +117,11 @@ def test_options_parse_and_bad_values_name_themselves():
                             ({"excite": "circle,,square"}, "expected comma-separated words"),
                             ({"excite": "circle", "bind_loss": "l2"}, "bind loss 'l2'; expected one of"),
                             ({"excite": "circle", "step_size": -1.0}, "step_size=-1.0; expected a positive number"),
-                            ({"excite": "circle", "iterations": 0}, "iterations=0; expected a whole number")]:
-        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+                            ({"excite": "circle", "iterations": 0}, "iterations=0; expected a whole number"),
+                            ({"box_method": "dense"}, "box method 'dense'; expected one of ('move', 'gradient')"),
+                            ({"moves": (0.4, 1.0)}, "moves=(0.4, 1.0); expected step fractions strictly between"),
+                            ({"moves": "early"}, "moves='early'; expected step fractions")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
             parse_options(**kwargs)
 
 
@@ -117,8 +148,9 @@ def _share_inside(pipe, x, t, embeds, mask, word: str, region) -> float:
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
-def test_a_guided_step_moves_the_words_attention_into_its_box(tiny_pipe, guidance_scale):
-    guide = Guide(boxes=(("circle", (0.0, 0.0, 0.5, 1.0)),), steps=StepRange.steps(0, 4), step_size=0.5, refine=())
+def test_a_gradient_step_moves_the_words_attention_into_its_box(tiny_pipe, guidance_scale):
+    guide = Guide(boxes=(("circle", (0.0, 0.0, 0.5, 1.0)),), box_method="gradient", steps=StepRange.steps(0, 4),
+                  step_size=0.5, refine=())
     with AttentionGuide(tiny_pipe, guide) as g:
         g.check(["a red circle"])
         tensors, t = step_inputs(tiny_pipe, g, 2, guidance_scale=guidance_scale, output_type="np")
@@ -132,6 +164,29 @@ def test_a_guided_step_moves_the_words_attention_into_its_box(tiny_pipe, guidanc
     # the step moves objects, never tints: each channel's mean over the image is unchanged
     torch.testing.assert_close(moved.mean((-2, -1)), x.mean((-2, -1)), atol=1e-5, rtol=0)
     assert float((moved - x).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_move_step_rolls_each_boxed_object_to_its_box_as_its_map_places_it(tiny_pipe, shared):
+    boxes = (("circle", (0.0, 0.0, 0.5, 0.5)), ("red", (0.5, 0.5, 1.0, 1.0)))
+    guide = Guide(boxes=boxes, moves=(0.5,))  # step 2 of 4; no gradient (no loss: boxes by move)
+    with AttentionGuide(tiny_pipe, guide, shared=shared) as g:
+        g.check(["a red circle"])
+        tensors, t = step_inputs(tiny_pipe, g, 2, guidance_scale=2.0, output_type="np", num_images_per_prompt=2)
+        x = tensors["latents"]
+        embeds, mask = g._text(tensors, 2)
+        assert g.callback(tiny_pipe, 0, t, tensors) == {}  # not a move step
+        moved = g.callback(tiny_pipe, 1, t, tensors)["latents"]
+        expected, words = x, g.plans[0].boxes
+        for positions, box in words:  # one word after the other, each located on the latents the last one left
+            with torch.no_grad():
+                maps = g._probe(tiny_pipe, expected[:1] if shared else expected, t, embeds, mask)
+            centers = [object_center(text_maps(maps[0 if shared else r], g.plans[0].eos)[positions].mean(0))
+                       for r in range(2)]
+            expected = torch.stack([move_into_box(expected[r], centers[r], box) for r in range(2)])
+    assert torch.equal(moved, expected) and not torch.equal(moved, x)
+    for r in range(2):
+        assert torch.equal(moved[r].flatten().sort().values, x[r].flatten().sort().values)
 
 
 def test_refinement_repeats_a_step_until_the_loss_is_low(tiny_pipe):
@@ -148,9 +203,10 @@ def test_refinement_repeats_a_step_until_the_loss_is_low(tiny_pipe):
     assert 1.5 * one < float((out - x).pow(2).mean().sqrt()) <= 4 * one + 1e-5  # several steps, at most 4
 
 
-def test_guidance_on_stable_diffusion_with_and_without_classifier_free_guidance(sd_pipe):
+@pytest.mark.parametrize("box_method", BOX_METHODS)
+def test_guidance_on_stable_diffusion_with_and_without_classifier_free_guidance(sd_pipe, box_method):
     guide = Guide(excite=("circle",), boxes=(("red", (0.0, 0.0, 0.5, 0.5)),), steps=StepRange.steps(0, 3),
-                  step_size=0.3)
+                  step_size=0.3, box_method=box_method)
     for scale in (1.0, 3.0):
         kw = dict(num_inference_steps=3, guidance_scale=scale, output_type="np")
         plain = sd_pipe("a red circle", generator=seeded(0), **kw).images
@@ -178,6 +234,10 @@ def test_guidance_options_from_the_command_line(tiny_pipe, tmp_path, capsys):
                  "--guide-steps", "0:3", "-o", str(tmp_path / "g.png")]) == 0
     assert main(["generate", "a red circle", *common, "-o", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "g.png").read_bytes() != (tmp_path / "p.png").read_bytes()
+    for method in ("gradient", "move"):  # a box alone, by each method: only the move steps differ from plain
+        assert main(["generate", "a red circle", *common, "--box", "circle=0.5,0.5,1,1", "--box-method", method,
+                     "--box-moves", "0.5", "-o", str(tmp_path / f"{method}.png")]) == 0
+        assert (tmp_path / f"{method}.png").read_bytes() != (tmp_path / "p.png").read_bytes()
     assert main(["heatmap", "a red circle left of a blue square", "--pipeline", str(tmp_path / "pipe"),
                  "--num-steps", "3", "--bind", "-o", str(tmp_path / "maps")]) == 0
     assert (tmp_path / "maps" / "index.html").is_file()
@@ -186,10 +246,14 @@ def test_guidance_options_from_the_command_line(tiny_pipe, tmp_path, capsys):
     capsys.readouterr()
     for args, message in [(["--excite", "square"], "excite word 'square' is not in the prompt 'a red circle'"),
                           (["--box", "circle=0,0,1.5,1"], "box of 'circle' 0,0,1.5,1: expected fractions"),
-                          (["--bind-loss", "l2"], "argument --bind-loss: invalid choice: 'l2'")]:
+                          (["--bind-loss", "l2"], "argument --bind-loss: invalid choice: 'l2'"),
+                          (["--box-method", "dense"], "argument --box-method: invalid choice: 'dense'"),
+                          (["--box-moves", "0.4,1"], "argument --box-moves: expected comma-separated fractions of "
+                                                     "the steps between 0 and 1, e.g. 0.4,0.6, got 0.4,1")]:
         assert _exit_code(["generate", "a red circle", *common, *args, "-o", str(tmp_path / "x.png")]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert cli.BOX_METHODS == BOX_METHODS  # the CLI's copy (it starts without importing torch)
     assert _exit_code(["eval", "--guided", "excite,boxes"]) == 2
     assert "unknown method 'boxes'; expected comma-separated methods of excite, bind, box" in capsys.readouterr().err
 

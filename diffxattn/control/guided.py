@@ -17,6 +17,12 @@ needs a step size tuned to each model and loss):
             SynGen: symmetric KL to its noun minus symmetric KL to the other objects' words)
     box     a word's attention stays inside its box (BoxDiff: inner, outer and corner constraints)
 
+Boxes have a second method, the default (`box_method="move"`, measured better on the shipped model: the gradient
+places the object but reshapes it): at a few steps (`moves`, after the layout has formed) the word's map locates
+its object, and the latents of the rectangle spanning the object and its box are rolled so that the object's center
+lands on the box's. A roll is a permutation of the latents, so their noise keeps its statistics; the object keeps
+the shape and color the model drew.
+
 At the `refine` steps the step repeats (up to `iterations` times) until the loss is under that step's target
 (Attend-and-Excite's iterative refinement). Words are addressed as heatmaps address them: "circle", "circle#2".
 
@@ -45,6 +51,7 @@ from .steps import SamplingRun, StepRange
 from .store import word_keys
 
 BIND_LOSSES = ("jsd", "syngen")
+BOX_METHODS = ("move", "gradient")
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), fractions of the image, x right and y down
 
 
@@ -63,8 +70,10 @@ class Guide:
     bind_loss: str = "jsd"
     resolution: int | None = None  # map height to use; None: 16 if the UNet has it, else its largest
     temperature: float | None = None  # `text_maps`: None shares, 0.01 is Attend-and-Excite's softmax
-    box_weight: float = 1.0
-    top_k: float = 0.2  # BoxDiff's P: the fraction of a region's cells whose mean is scored
+    box_method: str = "move"  # "move": roll the object into its box; "gradient": BoxDiff's losses
+    moves: tuple[float, ...] = (0.4, 0.6)  # step fractions at which "move" places the boxed objects
+    box_weight: float = 1.0  # "gradient": the box loss's weight
+    top_k: float = 0.2  # "gradient": BoxDiff's P, the fraction of a region's cells whose mean is scored
 
     def __post_init__(self):
         object.__setattr__(self, "steps", StepRange.of(self.steps))
@@ -74,6 +83,15 @@ class Guide:
             raise ValueError(f"bind={self.bind!r}; expected (attribute, noun) pairs or 'auto'")
         if self.bind_loss not in BIND_LOSSES:
             raise ValueError(f"bind loss {self.bind_loss!r}; expected one of {BIND_LOSSES}")
+        if self.box_method not in BOX_METHODS:
+            raise ValueError(f"box method {self.box_method!r}; expected one of {BOX_METHODS}")
+        try:
+            moves = tuple(float(f) for f in self.moves)
+        except (TypeError, ValueError):
+            moves = ()
+        if not moves or not all(0 < f < 1 for f in moves):
+            raise ValueError(f"moves={self.moves!r}; expected step fractions strictly between 0 and 1")
+        object.__setattr__(self, "moves", moves)
         for word, box in self.boxes:
             check_box(word, box)
         for name in ("step_size", "top_k", "box_weight"):
@@ -241,6 +259,48 @@ def box_loss(m: torch.Tensor, box: Box, top_k: float = 0.2) -> torch.Tensor:
     return (inner + outer + corner) / 3
 
 
+def object_center(m: torch.Tensor) -> tuple[float, float] | None:
+    """(x, y), fractions of the image: the centroid of a word map's cells above the map's mean, weighted by their
+    excess to the 4th power (the object's peak, little moved by attention spread elsewhere); None for a flat map."""
+    weight = (m - m.mean()).clamp_min(0) ** 4
+    total = weight.sum()
+    if not total > 0:
+        return None
+    h, w = m.shape
+    ys = (torch.arange(h, device=m.device, dtype=m.dtype) + 0.5) / h
+    xs = (torch.arange(w, device=m.device, dtype=m.dtype) + 0.5) / w
+    return float((weight.sum(0) * xs).sum() / total), float((weight.sum(1) * ys).sum() / total)
+
+
+def move_into_box(latents: torch.Tensor, center: tuple[float, float], box: Box) -> torch.Tensor:
+    """The latents (..., H, W) with the object at `center` (x, y fractions) moved to the center of `box`.
+
+    The object's window (the box's size and a quarter more, around `center`) is carried by the offset; the pixels
+    it covers at the box that lie outside the window go to the pixels the window leaves, each to the first such
+    pixel behind it along the offset (two windows apart: they swap). A permutation of the latents, so their noise
+    keeps its statistics; pixels outside the two windows are untouched."""
+    H, W = latents.shape[-2:]
+    x0, y0, x1, y1 = box
+    (cx, cy), (tx, ty) = center, ((x0 + x1) / 2, (y0 + y1) / 2)
+    dx, dy = round((tx - cx) * W), round((ty - cy) * H)
+    if dx == dy == 0:
+        return latents
+    half_w, half_h = 0.625 * (x1 - x0), 0.625 * (y1 - y0)
+    cols = range(max(0, math.floor((cx - half_w) * W), -dx), min(W, math.ceil((cx + half_w) * W), W - dx))
+    rows = range(max(0, math.floor((cy - half_h) * H), -dy), min(H, math.ceil((cy + half_h) * H), H - dy))
+    window = {(r, c) for r in rows for c in cols}  # source pixels whose destination is inside the image
+    source = list(range(H * W))  # source[destination]: the flat index of the pixel that moves there
+    for r, c in window:
+        source[(r + dy) * W + c + dx] = r * W + c
+        if (r - dy, c - dx) not in window:  # a pixel the window leaves: the first one ahead outside the window
+            k = 1
+            while (r + k * dy, c + k * dx) in window:
+                k += 1
+            source[r * W + c] = (r + k * dy) * W + c + k * dx
+    index = torch.tensor(source, device=latents.device)
+    return latents.flatten(-2)[..., index].view_as(latents)
+
+
 # ---------------------------------------------------------------------------------------------
 # Which words each prompt's objectives name
 # ---------------------------------------------------------------------------------------------
@@ -354,11 +414,45 @@ class AttentionGuide(ControllerContext):
     def callback(self, pipe, i: int, timestep, tensors: dict) -> dict:
         order = getattr(pipe.scheduler, "order", 1)
         step, n = (i + 1) // order, -(-len(pipe.scheduler.timesteps) // order)
-        if (i + 1) % order or step >= n or not self.guide.steps.contains(step, n) or not self.plans:
+        if (i + 1) % order or step >= n or not self.plans:
+            return {}
+        moving = self.guide.box_method == "move" and any(p.boxes for p in self.plans) and \
+            any(round(f * n) == step for f in self.guide.moves)
+        gradient = self.guide.steps.contains(step, n) and any(map(self._has_loss, self.plans))
+        if not (moving or gradient):
             return {}
         t = pipe.scheduler.timesteps[step * order]
-        latents = tensors["latents"]
-        embeds, mask = self._text(tensors, latents.shape[0])
+        x = tensors["latents"]
+        embeds, mask = self._text(tensors, x.shape[0])
+        if moving:
+            x = self._move(pipe, x, t, embeds, mask)
+        return {"latents": self._descend(pipe, x, step, n, t, embeds, mask) if gradient else x}
+
+    def _has_loss(self, p: _Plan) -> bool:
+        return bool(p.excite or p.bind or (p.boxes and self.guide.box_method == "gradient"))
+
+    def _move(self, pipe, latents, t, embeds, mask) -> torch.Tensor:
+        """Each boxed word's object moved into its box (`move_into_box`), one word after the other, each located by
+        its map in a UNet call (without gradient) on the latents as the previous words' moves left them (on the
+        first row only when `shared`, its moves applied to every row)."""
+        for j in range(max(len(p.boxes) for p in self.plans)):
+            with torch.no_grad():
+                maps = self._probe(pipe, latents[:1] if self.shared else latents, t, embeds, mask)
+            rows = []
+            for r in range(latents.shape[0]):
+                k = 0 if self.shared else r
+                p, row = self._plan_of(k, maps.shape[0]), latents[r]
+                if j < len(p.boxes):
+                    positions, box = p.boxes[j]
+                    center = object_center(text_maps(maps[k], p.eos, self.guide.temperature)[positions].mean(0))
+                    if center is not None:
+                        row = move_into_box(row, center, box)
+                rows.append(row)
+            latents = torch.stack(rows)
+        return latents
+
+    def _descend(self, pipe, latents, step, n, t, embeds, mask) -> torch.Tensor:
+        """Gradient steps on the latents (`refine` steps repeat them up to `iterations` times)."""
         target = dict(self.guide.refine).get(_nearest(step, n, self.guide.refine))
         size = self.guide.step_size * math.sqrt(1 - step / (2 * n))
         x = latents
@@ -375,7 +469,7 @@ class AttentionGuide(ControllerContext):
             grad = grad - grad.mean((-2, -1), keepdim=True)
             rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(-1, *[1] * (grad.ndim - 1))
             x = x - size * (grad / rms).expand_as(x)
-        return {"latents": x.detach()}
+        return x.detach()
 
     def _text(self, tensors: dict, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The conditional rows of the text input (negative rows come first under classifier-free guidance); on
@@ -392,23 +486,31 @@ class AttentionGuide(ControllerContext):
     def _loss_and_grad(self, pipe, latents, t, embeds, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row losses (B,) and the gradient of their sum with respect to the (first, if shared) latents."""
         x = (latents[:1] if self.shared else latents).detach().requires_grad_(True)
+        with torch.enable_grad():
+            maps = self._probe(pipe, x, t, embeds, mask)
+            loss = torch.stack([self._row_loss(maps[r], self._plan_of(r, x.shape[0])) for r in range(x.shape[0])])
+            grad, = torch.autograd.grad(loss.sum(), x)
+        return loss.detach(), grad
+
+    def _probe(self, pipe, x, t, embeds, mask) -> torch.Tensor:
+        """(B, S, h, w): the maps of one UNet call on `x` that only this controller sees (autograd as the caller
+        sets it)."""
         self.maps.clear()
         kwargs = {"encoder_attention_mask": mask} if mask is not None else {}
         if self.added is not None:  # SDXL: the pooled text and time ids of the same rows
             kwargs["added_cond_kwargs"] = self.added
         self.probing = True
         try:
-            with alone(pipe, self), torch.enable_grad():
+            with alone(pipe, self):
                 pipe.unet(pipe.scheduler.scale_model_input(x, t), t, encoder_hidden_states=embeds, **kwargs)
-                maps = self._maps()
-                per_prompt = max(1, x.shape[0] // len(self.plans))  # rows: each prompt's images in turn
-                loss = torch.stack([self._row_loss(maps[r], self.plans[min(r // per_prompt, len(self.plans) - 1)])
-                                    for r in range(x.shape[0])])
-                grad, = torch.autograd.grad(loss.sum(), x)
+                return self._maps()
         finally:
             self.probing = False
             self.maps.clear()
-        return loss.detach(), grad
+
+    def _plan_of(self, row: int, rows: int) -> _Plan:
+        per_prompt = max(1, rows // len(self.plans))  # rows: each prompt's images in turn
+        return self.plans[min(row // per_prompt, len(self.plans) - 1)]
 
     def _maps(self) -> torch.Tensor:
         """(B, S, h, w): the chosen resolution's maps, mean over its layers."""
@@ -432,7 +534,7 @@ class AttentionGuide(ControllerContext):
         if p.bind:
             terms.append(bind_loss([(word(a), word(n), [word(o) for o in others]) for a, n, others in p.bind],
                                    self.guide.bind_loss))
-        if p.boxes:
+        if p.boxes and self.guide.box_method == "gradient":
             terms.append(self.guide.box_weight * torch.stack(
                 [box_loss(word(w), box, self.guide.top_k) for w, box in p.boxes]).mean())
         return torch.stack(terms).sum() if terms else maps.sum() * 0
