@@ -131,7 +131,7 @@ def main() -> None:
         "ctrl_c_exit_code": proc.returncode, "ctrl_c_stop_s": round(t_stop, 2),
         "machine": machine(),
     }
-    s, lat, mem = data["startup_s"], data["image_latency_s"], data["memory"]
+    s, lat = data["startup_s"], data["image_latency_s"]
     markdown = "\n".join([
         "# diffxattn serve", "",
         f"Pipeline `{data['pipeline']}`, defaults {status['defaults']}.", "",

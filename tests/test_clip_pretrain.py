@@ -2,7 +2,7 @@
 
 import torch
 
-from diffxattn.clip_pretrain import binding_retrieval, contrastive_loss, train_clip
+from diffxattn.clip_pretrain import contrastive_loss, train_clip
 from diffxattn.config import load_config
 from diffxattn.data.captions import binding_negatives
 

@@ -92,7 +92,7 @@ def test_sigkill_at_random_moments_never_leaves_a_half_written_checkpoint(tmp_pa
     rng = random.Random(0)
     out, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
     t0 = time.monotonic()
-    newest, resume, history = None, [], []
+    newest, history = None, []
     in_write = marker_set = 0
     for k in range(KILLS):
         log = tmp_path / f"log-{k}.txt"
