@@ -189,6 +189,25 @@ def test_a_move_step_rolls_each_boxed_object_to_its_box_as_its_map_places_it(tin
         assert torch.equal(moved[r].flatten().sort().values, x[r].flatten().sort().values)
 
 
+def test_a_move_carries_a_multistep_schedulers_stored_predictions_with_the_latents(tiny_pipe):
+    from diffusers import DPMSolverMultistepScheduler
+
+    original = tiny_pipe.scheduler
+    tiny_pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config, algorithm_type="dpmsolver++")
+    try:
+        with AttentionGuide(tiny_pipe, Guide(boxes=(("circle", (0.0, 0.0, 0.4, 0.4)),), moves=(0.5,))) as g:
+            g.check(["a red circle"])
+            tensors, t = step_inputs(tiny_pipe, g, 2, guidance_scale=2.0, output_type="np")
+            x = tensors["latents"]
+            tiny_pipe.scheduler.model_outputs = [None, x.clone(), 2 * x]  # what an earlier step stored, as the latents
+            moved = g.callback(tiny_pipe, 1, t, tensors)["latents"]
+        stored = tiny_pipe.scheduler.model_outputs
+        assert not torch.equal(moved, x) and stored[0] is None
+        assert torch.equal(stored[1], moved) and torch.equal(stored[2], 2 * moved)
+    finally:
+        tiny_pipe.scheduler = original
+
+
 def test_refinement_repeats_a_step_until_the_loss_is_low(tiny_pipe):
     guide = Guide(excite=("circle",), steps=StepRange.steps(0, 4), step_size=0.3, iterations=4, refine=((0.5, 0.99),))
     with AttentionGuide(tiny_pipe, guide) as g:

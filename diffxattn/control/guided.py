@@ -272,24 +272,25 @@ def object_center(m: torch.Tensor) -> tuple[float, float] | None:
     return float((weight.sum(0) * xs).sum() / total), float((weight.sum(1) * ys).sum() / total)
 
 
-def move_into_box(latents: torch.Tensor, center: tuple[float, float], box: Box) -> torch.Tensor:
-    """The latents (..., H, W) with the object at `center` (x, y fractions) moved to the center of `box`.
+def box_move(size: tuple[int, int], center: tuple[float, float], box: Box) -> torch.Tensor | None:
+    """The permutation of an (H, W) grid that moves the object at `center` (x, y fractions) to the center of `box`:
+    for each pixel (flat index), the pixel whose latents go there; None when the object is centered already.
 
     The object's window (the box's size and a quarter more, around `center`) is carried by the offset; the pixels
     it covers at the box that lie outside the window go to the pixels the window leaves, each to the first such
-    pixel behind it along the offset (two windows apart: they swap). A permutation of the latents, so their noise
-    keeps its statistics; pixels outside the two windows are untouched."""
-    H, W = latents.shape[-2:]
+    pixel behind it along the offset (two windows apart: they swap). Pixels outside the two windows stay. As a
+    permutation it keeps the latents' noise statistics."""
+    H, W = size
     x0, y0, x1, y1 = box
     (cx, cy), (tx, ty) = center, ((x0 + x1) / 2, (y0 + y1) / 2)
     dx, dy = round((tx - cx) * W), round((ty - cy) * H)
     if dx == dy == 0:
-        return latents
+        return None
     half_w, half_h = 0.625 * (x1 - x0), 0.625 * (y1 - y0)
     cols = range(max(0, math.floor((cx - half_w) * W), -dx), min(W, math.ceil((cx + half_w) * W), W - dx))
     rows = range(max(0, math.floor((cy - half_h) * H), -dy), min(H, math.ceil((cy + half_h) * H), H - dy))
     window = {(r, c) for r in rows for c in cols}  # source pixels whose destination is inside the image
-    source = list(range(H * W))  # source[destination]: the flat index of the pixel that moves there
+    source = list(range(H * W))
     for r, c in window:
         source[(r + dy) * W + c + dx] = r * W + c
         if (r - dy, c - dx) not in window:  # a pixel the window leaves: the first one ahead outside the window
@@ -297,8 +298,17 @@ def move_into_box(latents: torch.Tensor, center: tuple[float, float], box: Box) 
             while (r + k * dy, c + k * dx) in window:
                 k += 1
             source[r * W + c] = (r + k * dy) * W + c + k * dx
-    index = torch.tensor(source, device=latents.device)
-    return latents.flatten(-2)[..., index].view_as(latents)
+    return torch.tensor(source)
+
+
+def permute_pixels(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """x (..., H, W) with its pixels permuted: pixel i takes x's pixel index[i] (None: x itself)."""
+    return x if index is None else x.flatten(-2)[..., index.to(x.device)].view_as(x)
+
+
+def move_into_box(latents: torch.Tensor, center: tuple[float, float], box: Box) -> torch.Tensor:
+    """The latents (..., H, W) with the object at `center` moved to the center of `box` (`box_move`)."""
+    return permute_pixels(latents, box_move(latents.shape[-2:], center, box))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,23 +442,26 @@ class AttentionGuide(ControllerContext):
         return bool(p.excite or p.bind or (p.boxes and self.guide.box_method == "gradient"))
 
     def _move(self, pipe, latents, t, embeds, mask) -> torch.Tensor:
-        """Each boxed word's object moved into its box (`move_into_box`), one word after the other, each located by
-        its map in a UNet call (without gradient) on the latents as the previous words' moves left them (on the
-        first row only when `shared`, its moves applied to every row)."""
+        """Each boxed word's object moved into its box (`box_move`), one word after the other, each located by its
+        map in a UNet call (without gradient) on the latents as the previous words' moves left them (on the first
+        row only when `shared`, its moves applied to every row). A multistep scheduler's stored predictions of
+        earlier steps move with the latents, so its next update does not draw the object where it was."""
+        state = _scheduler_state(pipe.scheduler, latents.shape)
         for j in range(max(len(p.boxes) for p in self.plans)):
             with torch.no_grad():
                 maps = self._probe(pipe, latents[:1] if self.shared else latents, t, embeds, mask)
-            rows = []
+            moves = []
             for r in range(latents.shape[0]):
                 k = 0 if self.shared else r
-                p, row = self._plan_of(k, maps.shape[0]), latents[r]
+                p = self._plan_of(k, maps.shape[0])
+                center = None
                 if j < len(p.boxes):
                     positions, box = p.boxes[j]
                     center = object_center(text_maps(maps[k], p.eos, self.guide.temperature)[positions].mean(0))
-                    if center is not None:
-                        row = move_into_box(row, center, box)
-                rows.append(row)
-            latents = torch.stack(rows)
+                moves.append(None if center is None else box_move(latents.shape[-2:], center, box))
+            latents = torch.stack([permute_pixels(row, index) for row, index in zip(latents, moves)])
+            for holder, key in state:
+                holder[key] = torch.stack([permute_pixels(row, index) for row, index in zip(holder[key], moves)])
         return latents
 
     def _descend(self, pipe, latents, step, n, t, embeds, mask) -> torch.Tensor:
@@ -538,6 +551,18 @@ class AttentionGuide(ControllerContext):
             terms.append(self.guide.box_weight * torch.stack(
                 [box_loss(word(w), box, self.guide.top_k) for w, box in p.boxes]).mean())
         return torch.stack(terms).sum() if terms else maps.sum() * 0
+
+
+def _scheduler_state(scheduler, shape) -> list[tuple[object, object]]:
+    """(holder, key) of each tensor of the latents' shape a multistep scheduler keeps between steps (DPM-Solver's
+    and UniPC's `model_outputs`, UniPC's `last_sample`): `holder[key]` reads and replaces it."""
+    found = []
+    outputs = getattr(scheduler, "model_outputs", None)
+    if isinstance(outputs, list):
+        found += [(outputs, k) for k, x in enumerate(outputs) if isinstance(x, torch.Tensor) and x.shape == shape]
+    if isinstance(getattr(scheduler, "last_sample", None), torch.Tensor) and scheduler.last_sample.shape == shape:
+        found.append((scheduler.__dict__, "last_sample"))
+    return found
 
 
 def _nearest(step: int, n: int, refine) -> float | None:
