@@ -444,7 +444,7 @@ def add_attention_guide_options(p: argparse.ArgumentParser, words: bool = True) 
     a.add_argument("--guide-iterations", type=COUNT, help="most gradient steps at a refinement step (default 5)")
     a.add_argument("--bind-loss", choices=("jsd", "syngen"), help="jsd (Divide & Bind, default) or syngen (SynGen)")
     a.add_argument("--box-method", choices=BOX_METHODS, help="move (default: the word's map locates its object, "
-                   "which is rolled into the box at --box-moves) or gradient (BoxDiff's losses over --guide-steps)")
+                   "which is carried into the box at --box-moves) or gradient (BoxDiff's losses over --guide-steps)")
     a.add_argument("--box-moves", type=FRACTIONS, metavar="F,...",
                    help="step fractions at which --box-method move places the objects (default 0.4,0.6)")
 

@@ -19,9 +19,8 @@ needs a step size tuned to each model and loss):
 
 Boxes have a second method, the default (`box_method="move"`, measured better on the shipped model: the gradient
 places the object but reshapes it): at a few steps (`moves`, after the layout has formed) the word's map locates
-its object, and the latents of the rectangle spanning the object and its box are rolled so that the object's center
-lands on the box's. A roll is a permutation of the latents, so their noise keeps its statistics; the object keeps
-the shape and color the model drew.
+its object, and a permutation of the latents carries the object's window to the box (`box_move`). A permutation
+keeps the latents' noise statistics, and the object keeps the shape and color the model was drawing.
 
 At the `refine` steps the step repeats (up to `iterations` times) until the loss is under that step's target
 (Attend-and-Excite's iterative refinement). Words are addressed as heatmaps address them: "circle", "circle#2".
@@ -70,7 +69,7 @@ class Guide:
     bind_loss: str = "jsd"
     resolution: int | None = None  # map height to use; None: 16 if the UNet has it, else its largest
     temperature: float | None = None  # `text_maps`: None shares, 0.01 is Attend-and-Excite's softmax
-    box_method: str = "move"  # "move": roll the object into its box; "gradient": BoxDiff's losses
+    box_method: str = "move"  # "move": carry the object into its box; "gradient": BoxDiff's losses
     moves: tuple[float, ...] = (0.4, 0.6)  # step fractions at which "move" places the boxed objects
     box_weight: float = 1.0  # "gradient": the box loss's weight
     top_k: float = 0.2  # "gradient": BoxDiff's P, the fraction of a region's cells whose mean is scored
