@@ -42,7 +42,8 @@ GUIDED = [
     ("a red circle left of a blue square", "excite + bind", dict(excite="auto", bind="auto")),
     ("a green triangle above a yellow square", "excite + bind", dict(excite="auto", bind="auto")),
     ("a blue circle", "box", dict(boxes=(("circle", (0.05, 0.05, 0.5, 0.5)),))),
-    ("a red square", "box", dict(boxes=(("square", (0.45, 0.45, 0.95, 0.95)),))),
+    ("a red circle above a blue square", "boxes", dict(boxes=(("circle", (0.55, 0.05, 0.95, 0.45)),
+                                                             ("square", (0.05, 0.55, 0.45, 0.95))))),
 ]
 GUIDED_SEEDS = 8  # seeds searched for a failure of plain sampling
 # inverted and edited: renders of never-seen scenes of the shapes data, and one image drawn here by hand
@@ -209,20 +210,27 @@ def make_samples(pipe, out: str | Path, *, seed: int = 0, curve: str | Path | No
     return written
 
 
-def _box_failure(image, prompt: str, box) -> str | None:
-    """Why a boxed image fails: its prompt's failure, or the object's detected box off the requested one."""
+def _box_failure(image, prompt: str, boxes=()) -> str | None:
+    """Why a boxed image fails: its prompt's failure, or a boxed object's detected box off its requested one (the
+    object whose shape is the boxed word)."""
     import numpy as np
 
+    from .data.captions import parse_caption_words
     from .eval.detector import detect, failure_of
     from .eval.metrics import object_box_iou
 
     pixels = np.asarray(image)
     detections = detect(pixels)
     failure = failure_of(prompt, detections, pixels.shape[0])
-    if failure or not box:
+    if failure:
         return failure
-    iou = object_box_iou(prompt, detections, box, pixels.shape[0])
-    return None if iou >= 0.5 else f"off its box (IoU {iou:.2f})"
+    objects = parse_caption_words(prompt)[0]["objects"] if boxes else []
+    for word, box in boxes:
+        index = next((k for k, o in enumerate(objects) if o["shape"] == word), 0)
+        iou = object_box_iou(prompt, detections, box, pixels.shape[0], index)
+        if iou < 0.5:
+            return f"{word} off its box (IoU {iou:.2f})"
+    return None
 
 
 def guided_strip(pipe, *, seed: int = 0) -> Image.Image:
@@ -233,26 +241,28 @@ def guided_strip(pipe, *, seed: int = 0) -> Image.Image:
 
     cells = []
     for prompt, method, options in GUIDED:
-        box = options["boxes"][0][1] if "boxes" in options else None  # (the strip's box prompts have one)
+        boxes = options.get("boxes", ())
         seeds = range(seed, seed + GUIDED_SEEDS)
         plain = pipe([prompt] * len(seeds), generator=[_seed(s) for s in seeds]).images
-        failures = [_box_failure(image, prompt, box) for image in plain]
+        failures = [_box_failure(image, prompt, boxes) for image in plain]
         k = next((k for k, f in enumerate(failures) if f), 0)
         guided = generate(pipe, prompt, guide=Guide(**options), generator=_seed(seeds[k])).images[0]
-        verdict = _box_failure(guided, prompt, box)
+        verdict = _box_failure(guided, prompt, boxes)
         images = [plain[k], guided]
-        if box:
-            images = [_outlined(image, box) for image in images]
+        if boxes:
+            images = [_outlined(image, [box for _, box in boxes]) for image in images]
         plain_verdict = failures[k] or f"correct (all {len(seeds)} seeds)"
         cells += [(f"{prompt}, seed {seeds[k]}, plain: {plain_verdict}", images[0]),
                   (f"{method}: {verdict or 'correct'}", images[1])]
     return labelled_grid(cells, columns=4, cell=160)
 
 
-def _outlined(image: Image.Image, box, cell: int = 160) -> Image.Image:
-    """The image enlarged to `cell` pixels with the requested box drawn in white."""
+def _outlined(image: Image.Image, boxes, cell: int = 160) -> Image.Image:
+    """The image enlarged to `cell` pixels with the requested boxes drawn in white."""
     big = image.convert("RGB").resize((cell, cell), Image.NEAREST)
-    ImageDraw.Draw(big).rectangle([v * cell for v in box], outline="white")
+    draw = ImageDraw.Draw(big)
+    for box in boxes:
+        draw.rectangle([v * cell for v in box], outline="white")
     return big
 
 

@@ -58,8 +58,8 @@ def test_guided_strip_shows_the_first_failing_seed_and_the_guided_image_of_that_
     verdicts = iter([None, None, "missing object"] + [None] * 5 + ["extra object"])
     seen = []
 
-    def fake_failure(image, prompt, box):
-        seen.append((prompt, box))
+    def fake_failure(image, prompt, boxes):
+        seen.append((prompt, boxes))
         return next(verdicts)
 
     monkeypatch.setattr(samples, "GUIDED", [("a red circle at the left", "excite", dict(excite="auto"))])
@@ -78,6 +78,13 @@ def test_box_failure_is_the_prompt_failure_or_the_object_off_its_box():
 
     image = Image.new("RGB", (32, 32), "black")
     ImageDraw.Draw(image).rectangle([16, 16, 27, 27], fill=(220, 30, 30))  # a red square, lower right
-    assert _box_failure(image, "a red square", (0.45, 0.45, 0.95, 0.95)) is None
-    assert _box_failure(image, "a red square", (0.0, 0.0, 0.4, 0.4)).startswith("off its box (IoU 0.00")
-    assert _box_failure(image, "a blue square", None) == "color missing"
+    assert _box_failure(image, "a red square", [("square", (0.45, 0.45, 0.95, 0.95))]) is None
+    assert _box_failure(image, "a red square", [("square", (0.0, 0.0, 0.4, 0.4))]).startswith(
+        "square off its box (IoU 0.00")
+    assert _box_failure(image, "a blue square") == "color missing"
+    # two boxed objects: each is scored against its own box (the object whose shape is the boxed word)
+    ImageDraw.Draw(image).ellipse([2, 2, 13, 13], fill=(40, 80, 230))  # a blue circle, upper left
+    prompt, upper_left, lower_right = "a blue circle above a red square", (0.0, 0.0, 0.45, 0.45), (0.45, 0.45, 0.95, 0.95)
+    assert _box_failure(image, prompt, [("circle", upper_left), ("square", lower_right)]) is None
+    assert _box_failure(image, prompt, [("circle", upper_left), ("square", upper_left)]).startswith(
+        "square off its box (IoU 0.00")

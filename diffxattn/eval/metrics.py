@@ -73,10 +73,10 @@ def box_iou(a, b) -> float:
     return float(w * h / union) if union > 0 else 0.0
 
 
-def object_box_iou(prompt: str, detections: list[Detection], box, size: int) -> float:
-    """IoU of the prompt's first object's detected box (the detection of its color and shape, else the first one)
+def object_box_iou(prompt: str, detections: list[Detection], box, size: int, index: int = 0) -> float:
+    """IoU of the prompt's object `index`'s detected box (the detection of its color and shape, else the first one)
     with `box` (x0, y0, x1, y1 as fractions of a size x size image); 0 when nothing was detected."""
-    spec = parse_caption_words(prompt)[0]["objects"][0]
+    spec = parse_caption_words(prompt)[0]["objects"][index]
     mine = [d for d in detections if (d.color, d.shape) == (spec["color"], spec["shape"])] or detections
     return box_iou(mine[0].bbox, [v * size for v in box]) if mine else 0.0
 
