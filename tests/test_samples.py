@@ -84,7 +84,8 @@ def test_box_failure_is_the_prompt_failure_or_the_object_off_its_box():
     assert _box_failure(image, "a blue square") == "color missing"
     # two boxed objects: each is scored against its own box (the object whose shape is the boxed word)
     ImageDraw.Draw(image).ellipse([2, 2, 13, 13], fill=(40, 80, 230))  # a blue circle, upper left
-    prompt, upper_left, lower_right = "a blue circle above a red square", (0.0, 0.0, 0.45, 0.45), (0.45, 0.45, 0.95, 0.95)
+    prompt = "a blue circle above a red square"
+    upper_left, lower_right = (0.0, 0.0, 0.45, 0.45), (0.45, 0.45, 0.95, 0.95)
     assert _box_failure(image, prompt, [("circle", upper_left), ("square", lower_right)]) is None
     assert _box_failure(image, prompt, [("circle", upper_left), ("square", upper_left)]).startswith(
         "square off its box (IoU 0.00")

@@ -333,6 +333,7 @@ def format_report(report: dict) -> str:
         g = report["config"]["guide"]
         lines.append(f"attention-guided: excite {g['excite'] or '-'}, bind {g['bind'] or '-'}, steps {g['steps']}, "
                      f"step size {g['step_size']:g}, iterations {g['iterations']}; boxes by {g['box_method']}"
-                     + (f" at {', '.join(f'{f:g}' for f in g['moves'])} of the steps" if g["box_method"] == "move" else ""))
+                     + (f" at {', '.join(f'{f:g}' for f in g['moves'])} of the steps"
+                        if g["box_method"] == "move" else ""))
     lines.append(f"\n{report['seconds']:.1f} s")
     return "\n".join(lines)
