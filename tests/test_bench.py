@@ -202,3 +202,23 @@ def test_layouts_bench_compares_the_shipped_and_the_cpu_layout(tmp_path):
     (row,) = data["rows"]
     assert (row["ours"], row["other"]) == ("shapes-32-cpu", "shapes-32")
     assert row["ratio"] == pytest.approx(cpu["images_per_s"] / shipped["images_per_s"], rel=1e-9)
+
+
+def test_arrange_bench_samples_plain_and_picked_noises_of_the_same_prompts(tmp_path):
+    data = run_quick("bench_arrange", tmp_path)
+    assert data["benchmark"] == "arrange" and data["quick"] is True
+    plain, picked = data["rows"]["plain"], data["rows"]["picked"]
+    assert plain["n"] == picked["n"] == data["settings"]["prompts"] * data["settings"]["seeds"] == 2
+    assert sum(picked["chosen"]) == 2 and len(picked["chosen"]) == data["settings"]["candidates"]
+    assert sum(plain["failures"].values()) == round((1 - plain["all"]) * plain["n"])
+
+
+def test_layout_score_prefers_the_relation_and_two_places():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_arrange import layout_score
+
+    left, right, top, bottom = (0.25, 0.5), (0.75, 0.5), (0.5, 0.25), (0.5, 0.75)
+    assert layout_score([left, right], "left of") > layout_score([right, left], "left of")
+    assert layout_score([top, bottom], "above") > layout_score([bottom, top], "above")
+    assert layout_score([left, right], "right of") < 0 < layout_score([left, right], "left of")
+    assert layout_score([left, right], None) > layout_score([left, left], None) == 0.0
