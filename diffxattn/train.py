@@ -109,7 +109,8 @@ def snr_loss_weight(noise_scheduler: DDPMScheduler, t: torch.Tensor, gamma: floa
     """Min-SNR-gamma weights (Hang et al. 2023): min(snr, g)/snr for epsilon, min(snr, g)/(snr + 1) for v."""
     snr = compute_snr(noise_scheduler, t)
     v = noise_scheduler.config.prediction_type == "v_prediction"
-    return snr.clamp(max=gamma) / (snr + 1 if v else snr)
+    cap = min(gamma, torch.finfo(snr.dtype).max)  # a gamma beyond the dtype's range caps nothing (and cannot be cast)
+    return snr.clamp(max=cap) / (snr + 1 if v else snr)
 
 
 @dataclass

@@ -350,3 +350,18 @@ def test_metrics_log_the_wall_clock(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     walls = [r["wall_s"] for r in rows]
     assert [r["step"] for r in rows] == [1, 2, 3] and 0 < walls[0] < walls[1] < walls[2]
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_weights_cap_at_gamma_and_a_gamma_past_float32_caps_nothing(prediction):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    sched = DDPMScheduler(prediction_type=prediction)
+    t = torch.tensor([0, 100, 500, 999])
+    snr = compute_snr(sched, t)
+    denominator = snr + 1 if prediction == "v_prediction" else snr
+    torch.testing.assert_close(T.snr_loss_weight(sched, t, 5.0), snr.clamp(max=5.0) / denominator)
+    assert snr[0] > 5 > snr[-1]  # the cap acts on the low-noise steps only
+    # a finite Python float beyond float32's range (the fuzzer found 3.4028234663852886e+38 * (1 + 2**-52)): no cap
+    torch.testing.assert_close(T.snr_loss_weight(sched, t, 3.402823466385289e38), snr / denominator)
