@@ -63,7 +63,6 @@ def early_maps(pipe, prompt: str, noises, at: float):
 
     probe = Probe(pipe, Guide())
     with probe:
-        probe.plans = [None]  # the callback runs without objectives of its own
         try:
             pipe([prompt] * len(noises), latents=noises.clone(), **probe.kwargs())
         except _Stop:
@@ -71,33 +70,35 @@ def early_maps(pipe, prompt: str, noises, at: float):
     return probe.found
 
 
+def noise(pipe, seed: int):
+    """(1, C, H, W): the starting noise seed `seed` gives (as the pipeline draws it from a seeded generator)."""
+    import torch
+
+    c, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    return torch.randn((1, c, size, size), generator=torch.Generator().manual_seed(seed))
+
+
 def pick(pipe, prompt: str, seed: int, candidates: int, at: float):
     """(the chosen starting noise, its index among the candidates)."""
     import torch
 
-    from diffxattn.control.guided import object_center, text_maps
-    from diffxattn.data.captions import parse_caption_words
+    from diffxattn.control.guided import Guide, object_center, plan, text_maps
+    from diffxattn.data.captions import parse_caption
 
-    shape = (1, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    noises = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1000 * k))
-                        for k in range(candidates)])
-    spec, owners = parse_caption_words(prompt)
-    words = prompt.split()
-    nouns = [1 + k for k, w in enumerate(words) if owners[k] >= 0 and w == spec["objects"][owners[k]]["shape"]]
-    eos = len(pipe.tokenizer(prompt).input_ids) - 1
+    noises = torch.cat([noise(pipe, seed + 1000 * k) for k in range(candidates)])
+    nouns = plan(pipe.tokenizer, prompt, Guide(excite="auto"))  # each object's shape word, in the prompt's order
     maps = early_maps(pipe, prompt, noises, at)
     scores = []
     for m in maps:
-        text = text_maps(m, eos)
-        centers = [object_center(text[p]) or (0.5, 0.5) for p in nouns]
-        scores.append(layout_score(centers, spec["relation"]))
+        text = text_maps(m, nouns.eos)
+        centers = [object_center(text[p].mean(0)) or (0.5, 0.5) for p in nouns.excite]
+        scores.append(layout_score(centers, parse_caption(prompt)["relation"]))
     best = max(range(candidates), key=lambda k: (scores[k], -k))
     return noises[best:best + 1], best
 
 
 def run(args) -> dict:
     import numpy as np
-    import torch
 
     from diffxattn.cli import load_pipeline
     from diffxattn.eval import metrics
@@ -108,7 +109,6 @@ def run(args) -> dict:
     pipe.set_progress_bar_config(disable=True)
     steps = {"num_inference_steps": 4} if args.quick else {}
     prompts = prompt_set("two", args.prompts)
-    shape = (1, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     rows = {}
     for name in ("plain", "picked"):
         right, failures, chosen = [], {}, []
@@ -116,11 +116,11 @@ def run(args) -> dict:
         for prompt in prompts:
             for seed in range(args.seeds):
                 if name == "plain":
-                    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+                    start = noise(pipe, seed)
                 else:
-                    noise, k = pick(pipe, prompt, seed, args.candidates, args.at)
+                    start, k = pick(pipe, prompt, seed, args.candidates, args.at)
                     chosen.append(k)
-                image = metrics.to_uint8(pipe(prompt, latents=noise, output_type="np", **steps).images)[0]
+                image = metrics.to_uint8(pipe(prompt, latents=start, output_type="np", **steps).images)[0]
                 detections = detect(image)
                 right.append(metrics.score_prompt(prompt, detections, image.shape[0])["all"])
                 failure = failure_of(prompt, detections, image.shape[0])
