@@ -458,9 +458,12 @@ class AttentionGuide(ControllerContext):
                     positions, box = p.boxes[j]
                     center = object_center(text_maps(maps[k], p.eos, self.guide.temperature)[positions].mean(0))
                 moves.append(None if center is None else box_move(latents.shape[-2:], center, box))
-            latents = torch.stack([permute_pixels(row, index) for row, index in zip(latents, moves)])
+            def moved(x: torch.Tensor) -> torch.Tensor:
+                return torch.stack([permute_pixels(row, index) for row, index in zip(x, moves)])
+
+            latents = moved(latents)
             for holder, key in state:
-                holder[key] = torch.stack([permute_pixels(row, index) for row, index in zip(holder[key], moves)])
+                holder[key] = moved(holder[key])
         return latents
 
     def _descend(self, pipe, latents, step, n, t, embeds, mask) -> torch.Tensor:
