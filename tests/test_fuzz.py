@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from accelerate.state import AcceleratorState, GradientState
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -362,6 +362,7 @@ def run_process(module: str, *args: str, cwd: Path) -> subprocess.CompletedProce
 def test_fuzzed_command_lines_in_a_real_process(pipe_dir, data):
     command = data.draw(st.sampled_from(sorted(OPTIONS)))
     options = data.draw(option_values(command, fast=True))
+    assume(not any("\x00" in o for o in options))  # an OS cannot pass a NUL byte in argv (the in-process runs do)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out" / ("img.png" if command == "generate" else "maps")
         (Path(tmp) / "cwd").mkdir()
