@@ -329,7 +329,7 @@ def cmd_eval(args) -> None:
 
     methods = args.guided or ()
     guide = attention_guide(args, excite="auto" if "excite" in methods else None,
-                            bind="auto" if "bind" in methods else None)
+                            bind="auto" if "bind" in methods else None, arrange="auto" if "arrange" in methods else None)
     pipe = load_pipeline(args.pipeline, args.scheduler, scheduler_options=args.scheduler_option or [])
     report = evaluate(pipe, quick=args.quick, seeds=args.seeds, guidance_scales=args.guidance,
                       guidance_scale=args.main_guidance, **guidance_options(args),
@@ -439,6 +439,10 @@ def add_attention_guide_options(p: argparse.ArgumentParser, words: bool = True) 
                        "without a value: every color and size word to its shape (prompts in the shapes grammar)")
         a.add_argument("--box", nargs="+", metavar="WORD=X0,Y0,X1,Y1",
                        help="the word's object is drawn in the box, in fractions of the image (see --box-method)")
+        a.add_argument("--arrange", nargs="?", const="auto", metavar="WORD,...",
+                       help="start from the best of --candidates noises by the layout the objects' maps show early "
+                       "(apart, each in one place, as a relation between them says: left of, right of, above, below); "
+                       "without a value: every shape word (prompts in the shapes grammar)")
     a.add_argument("--guide-steps", metavar="A:B", help="the guided steps (default 0:0.5, the first half)")
     a.add_argument("--guide-step-size", type=RATE, help="RMS change of the latents per gradient step (default 0.1)")
     a.add_argument("--guide-iterations", type=COUNT, help="most gradient steps at a refinement step (default 5)")
@@ -447,19 +451,24 @@ def add_attention_guide_options(p: argparse.ArgumentParser, words: bool = True) 
                    "which is carried into the box at --box-moves) or gradient (BoxDiff's losses over --guide-steps)")
     a.add_argument("--box-moves", type=FRACTIONS, metavar="F,...",
                    help="step fractions at which --box-method move places the objects (default 0.4,0.6)")
+    a.add_argument("--candidates", type=COUNT, help="starting noises --arrange tries per image (default 4; the "
+                   "first is the seed's own, the others seeds + 1000, + 2000, ...)")
+    a.add_argument("--arrange-at", type=FRACTION, metavar="F",
+                   help="the step fraction at which --arrange reads the layout (default 0.25)")
 
 
-def attention_guide(args, excite=None, bind=None, boxes=None):
+def attention_guide(args, excite=None, bind=None, boxes=None, arrange=None):
     """The Guide the options ask for (the word options given here, for eval); false when it names no word."""
     from .control.guided import parse_options
 
     return parse_options(getattr(args, "excite", excite), getattr(args, "bind", bind), getattr(args, "box", boxes),
-                         steps=args.guide_steps, step_size=args.guide_step_size, iterations=args.guide_iterations,
-                         bind_loss=args.bind_loss, box_method=args.box_method, moves=args.box_moves)
+                         getattr(args, "arrange", arrange), steps=args.guide_steps, step_size=args.guide_step_size,
+                         iterations=args.guide_iterations, bind_loss=args.bind_loss, box_method=args.box_method,
+                         moves=args.box_moves, candidates=args.candidates, arrange_at=args.arrange_at)
 
 
 def guided_methods(text: str) -> tuple[str, ...]:
-    """--guided: comma-separated methods of excite, bind, box."""
+    """--guided: comma-separated methods of excite, bind, box, arrange."""
     methods = tuple(m.strip() for m in text.split(","))
     unknown = [m for m in methods if m not in GUIDED_METHODS]
     if unknown or not methods:
@@ -468,7 +477,7 @@ def guided_methods(text: str) -> tuple[str, ...]:
     return methods
 
 
-GUIDED_METHODS = ("excite", "bind", "box")
+GUIDED_METHODS = ("excite", "bind", "box", "arrange")
 GUIDED = arg_type(guided_methods)
 
 
@@ -587,7 +596,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--no-edits", action="store_true", help="skip the edit metrics")
     v.add_argument("--guided", type=GUIDED, metavar="METHOD,...",
                    help="attention-guided sampling: excite (every shape word), bind (every color and size word to its "
-                   "shape), box (also score --boxes prompts drawn into random boxes); e.g. excite,bind")
+                   "shape), box (also score --boxes prompts drawn into random boxes), arrange (every shape word); "
+                   "e.g. excite,bind")
     v.add_argument("--boxes", type=COUNT, default=64, help="prompts of the box score (with --guided box; default 64)")
     add_attention_guide_options(v, words=False)
     v.add_argument("--edit-prompts", type=COUNT, help="single-object prompts edited (the set's first N; default 8, quick 2)")

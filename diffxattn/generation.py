@@ -46,7 +46,9 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
     (compel), "embedding-a1111" scales them and restores their mean (Automatic1111's "Original" emphasis),
     "embedding-a1111-no-norm" only scales them (its "No norm"); its "Ignore" is "attention" with
     `weight_steps=StepRange.fraction(0, 0)`. `guide`: attention-guided sampling
-    (`control.guided`), its words those of the (first) prompt. Returns the pipeline output.
+    (`control.guided`), its words those of the (first) prompt; with `guide.arrange`, a partial run of the candidate
+    noises first (with this call's settings and callbacks, not `callback_on_step_end`), then the call from the
+    picked one. Returns the pipeline output.
     """
     if weight_mode not in WEIGHT_MODES:
         raise ValueError(f"weight mode {weight_mode!r}; expected one of {WEIGHT_MODES}")
@@ -76,11 +78,14 @@ def generate(pipe, prompt: str, *, weight_mode: str = "attention", weight_steps=
     text = {**embedded[:1].pipeline_kwargs(pipe), **negative}
     with ExitStack() as stack:
         guided = _guided(stack, pipe, guide, [tokens[0]])
-        callbacks = StepCallbacks([(schedule_callback, None), guided,
-                                   (callback_on_step_end, callback_on_step_end_tensor_inputs)])
+        ours = [(schedule_callback, None), _callback(guided)]
         if (weights != 1).any():
             stack.enter_context(AttentionReweight(pipe, lambda s: weights[prompt_of_step[min(s, steps - 1)]][None],
                                                   steps=weight_steps))
+        if guided and guide.arrange:  # a partial run of the candidate noises, with our callbacks but not the caller's
+            picked = guided.arrange({**text, "num_inference_steps": steps, **StepCallbacks(ours).kwargs(), **kwargs})
+            kwargs = kwargs if picked is None else {**kwargs, "latents": picked}
+        callbacks = StepCallbacks([*ours, (callback_on_step_end, callback_on_step_end_tensor_inputs)])
         return pipe(**text, num_inference_steps=steps, **callbacks.kwargs(), **kwargs)
 
 
@@ -190,10 +195,13 @@ def edit(pipe, source: str, target: str, *, cross_replace=StepRange.fraction(0, 
                              "inversion draws its image for its own prompt")
         if guide:
             raise ValueError("attention guidance cannot edit an inverted image: it would move the image away from "
-                             "the inversion; leave out --excite/--bind/--box or --inversion")
+                             "the inversion; leave out --excite/--bind/--box/--arrange or --inversion")
         kwargs, null_text = inversion.apply(pipe, kwargs, batch=2)
+    if guide and guide.arrange:
+        raise ValueError("arrange picks the starting noise of generate and heatmap, not of edit (whose source and "
+                         "edited image start from one seed's noise)")
     with ExitStack() as stack:
-        guided = _guided(stack, pipe, guide, [src], shared=True)
+        guided = _callback(_guided(stack, pipe, guide, [src], shared=True))
         p2p = stack.enter_context(PromptToPrompt(pipe, src, tgt, cross_replace=cross_replace,
                                                  self_replace=self_replace, feature_replace=feature_replace,
                                                  feature_layers=feature_layers, weights=tgt.word_weights()))
@@ -205,14 +213,18 @@ def edit(pipe, source: str, target: str, *, cross_replace=StepRange.fraction(0, 
     return EditResult(images[0], images[1], _image_mask(pipe, blend))
 
 
-def _guided(stack: ExitStack, pipe, guide: Guide | None, prompts, shared: bool = False):
-    """Install `guide` (if any) in `stack`, its words checked against `prompts` now: its step callback and the
-    tensors that reads, as `StepCallbacks` takes them."""
+def _guided(stack: ExitStack, pipe, guide: Guide | None, prompts, shared: bool = False) -> AttentionGuide | None:
+    """Install `guide` (if any) in `stack`, its words checked against `prompts` now."""
     if not guide:
-        return None, None
+        return None
     guided = stack.enter_context(AttentionGuide(pipe, guide, shared=shared))
     guided.check(prompts)
-    return guided.callback, guided.tensor_inputs
+    return guided
+
+
+def _callback(guided: AttentionGuide | None):
+    """The guide's step callback and the tensors it reads, as `StepCallbacks` takes them."""
+    return (guided.callback, guided.tensor_inputs) if guided else (None, None)
 
 
 def _image_mask(pipe, blend: LocalBlend | None) -> torch.Tensor | None:

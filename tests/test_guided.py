@@ -7,16 +7,18 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffxattn import cli
 from diffxattn.cli import main
 from diffxattn.control import AttentionStore, StepRange
 from diffxattn.control.guided import (BOX_METHODS, AttentionGuide, Guide, bind_loss, box_loss, box_mask, excite_loss,
-                                      move_into_box, object_center, parse_options, plan, text_maps)
+                                      layout_score, move_into_box, object_center, object_spread, parse_options,
+                                      plan, text_maps)
 from diffxattn.eval.detector import detect
 from diffxattn.eval.metrics import box_iou, object_box_iou
 from diffxattn.eval.prompts import box_prompts
-from diffxattn.eval.run import evaluate
+from diffxattn.eval.run import evaluate, format_report
 from diffxattn.generation import edit, generate
 from conftest import seeded, step_inputs
 
@@ -109,6 +111,7 @@ def test_options_parse_and_bad_values_name_themselves():
     assert g.excite == ("circle", "square") and g.bind == (("red", "circle"), ("blue", "square"))
     assert g.boxes == (("circle", (0.0, 0.0, 0.5, 0.5)),) and g.step_size == 0.2 and g.steps == StepRange.fraction(0, 0.5)
     assert parse_options(bind="auto").bind == "auto" and not parse_options()
+    assert parse_options(arrange="auto").arrange == "auto" and parse_options(arrange="cat, dog").arrange == ("cat", "dog")
     for kwargs, message in [({"boxes": ["circle=0.5,0.5,1.2,1"]}, "box of 'circle' 0.5,0.5,1.2,1: expected fractions"),
                             ({"boxes": ["circle=0.2,0.2,0.1,0.5"]}, "0 <= x0 < x1 <= 1"),
                             ({"boxes": ["circle=nan,0,1,1"]}, "box of 'circle' nan"),
@@ -120,9 +123,49 @@ def test_options_parse_and_bad_values_name_themselves():
                             ({"excite": "circle", "iterations": 0}, "iterations=0; expected a whole number"),
                             ({"box_method": "dense"}, "box method 'dense'; expected one of ('move', 'gradient')"),
                             ({"moves": (0.4, 1.0)}, "moves=(0.4, 1.0); expected step fractions strictly between"),
-                            ({"moves": "early"}, "moves='early'; expected step fractions")]:
+                            ({"moves": "early"}, "moves='early'; expected step fractions"),
+                            ({"arrange": "circle,"}, "--arrange 'circle,': expected comma-separated words"),
+                            ({"arrange": "auto", "candidates": 1}, "candidates=1; expected a whole number >= 2"),
+                            ({"arrange": "auto", "arrange_at": 1.0}, "arrange_at=1.0; expected a step fraction")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             parse_options(**kwargs)
+
+
+def dot(col: int, row: int, size: int = 16) -> torch.Tensor:
+    """A map whose attention is all in one cell: its center ((col + 0.5) / size, (row + 0.5) / size), spread 0."""
+    m = torch.zeros(size, size)
+    m[row, col] = 1.0
+    return m
+
+
+def test_layout_score_rewards_the_relation_two_places_and_one_place_per_object():
+    left, right, top, below_top = dot(3, 8), dot(11, 8), dot(7, 2), dot(7, 4)  # left and right: 0.5 apart
+    assert layout_score([left, right], ["left of"]) == pytest.approx(0.5 + 0.15)  # obeyed: offset + capped distance
+    assert layout_score([right, left], ["left of"]) == pytest.approx(-0.5 + 0.15)  # the other way round
+    assert layout_score([left, left], ["left of"]) == pytest.approx(0, abs=1e-6)  # one place for both objects
+    assert layout_score([top, below_top], ["above"]) == pytest.approx(0.125 + 0.0625)
+    assert layout_score([top, below_top], ["below"]) == pytest.approx(-0.125 + 0.0625)
+    assert layout_score([left, right], [None]) == pytest.approx(0.15)  # no relation: apart is what counts
+    assert layout_score([left, right, top], ["left of", None]) == pytest.approx(0.65 + 0.5 * min(0.3, math.hypot(
+        0.25, 0.375)))  # each consecutive pair
+    twice = dot(2, 8) + dot(13, 8)  # a word attending in two places: its object drawn twice
+    assert object_spread(left) == pytest.approx(0, abs=1e-6) and object_spread(twice) == pytest.approx(5.5 / 16)
+    assert object_spread(torch.full((16, 16), 0.25)) == 1.0  # a flat map: no object
+    assert layout_score([twice, top], [None], spread_weight=0) == pytest.approx(0.15)
+    assert layout_score([twice, top], [None]) == pytest.approx(0.15 - 4 * 5.5 / 16)  # the worst spread counts
+    assert layout_score([left], []) == pytest.approx(0, abs=1e-6)
+
+
+def test_arrange_plans_the_objects_and_the_relations_between_them(tiny_pipe):
+    p = plan(tiny_pipe.tokenizer, "a red circle left of a blue square", Guide(arrange="auto"))
+    assert p.arrange == [[3], [8]] and p.relations == ["left of"]
+    p = plan(tiny_pipe.tokenizer, "a small red circle to the right of a large blue square", Guide(arrange="auto"))
+    assert p.relations == ["right of"]
+    p = plan(tiny_pipe.tokenizer, "a red circle above a blue square", Guide(arrange=("square", "circle")))
+    assert p.arrange == [[7], [3]] and p.relations == [None]  # named the other way: no relation between them
+    assert plan(tiny_pipe.tokenizer, "a red circle", Guide(arrange="auto")).arrange == [[3]]
+    with pytest.raises(ValueError, match="arrange word 'cat' is not in the prompt 'a red circle'"):
+        plan(tiny_pipe.tokenizer, "a red circle", Guide(arrange=("cat", "circle")))
 
 
 # -- guided sampling --
@@ -244,6 +287,109 @@ def test_edit_with_guidance_moves_source_and_edit_together(tiny_pipe):
         edit(tiny_pipe, "a red circle", "a blue circle", guide=Guide(bind=(("green", "circle"),)))
 
 
+TWO = "a red circle left of a blue square"
+
+
+def _candidate(seed: int, k: int, shape=(1, 3, 16, 16)) -> torch.Tensor:
+    """Candidate k of the image of generator seed `seed`: the seed's own noise, then seeds + 1000 k."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1000 * k))[0]
+
+
+def _layout_alone(pipe, prompt: str, noise: torch.Tensor, guide: Guide, steps: int, **kw) -> float:
+    """The layout score of one starting noise, read in a run of it alone (not by `arrange`)."""
+    found, read = {}, max(1, round(guide.arrange_at * steps))
+    with AttentionGuide(pipe, guide) as g:
+        def grab(pipe, i, t, tensors):
+            if i + 1 == read:
+                embeds, mask = g._text(tensors, 1)
+                with torch.no_grad():
+                    found["maps"] = g._probe(pipe, tensors["latents"], pipe.scheduler.timesteps[read], embeds, mask)[0]
+            return {}
+
+        pipe(prompt, latents=noise[None], num_inference_steps=steps, callback_on_step_end=grab,
+             callback_on_step_end_tensor_inputs=g.tensor_inputs, **kw)
+    p = plan(pipe.tokenizer, prompt, guide)
+    text = text_maps(found["maps"], p.eos)
+    return layout_score([text[w].mean(0) for w in p.arrange], p.relations)
+
+
+def test_arrange_starts_each_image_from_its_best_candidate_by_the_early_layout(tiny_pipe):
+    guide = Guide(arrange="auto", candidates=3, arrange_at=0.5)
+    with AttentionGuide(tiny_pipe, guide) as g:
+        call = dict(prompt=TWO, num_images_per_prompt=2, generator=seeded(5, 2), num_inference_steps=4, **KW, **g.kwargs())
+        picked = g.arrange(call)
+    assert g.layout.shape == (2, 3) and picked.shape == (2, 3, 16, 16)
+    for b in range(2):
+        scores = [_layout_alone(tiny_pipe, TWO, _candidate(5 + b, k), guide, 4, **KW) for k in range(3)]
+        assert g.layout[b].tolist() == pytest.approx(scores, abs=1e-4)  # the maps of the run alone, up to batching
+        assert torch.equal(picked[b], _candidate(5 + b, int(np.argmax(scores))))
+    assert len(set(g.layout.flatten().tolist())) == 6  # the candidates' layouts differ: the pick is a real choice
+    images = generate(tiny_pipe, TWO, guide=guide, num_images_per_prompt=2, generator=seeded(5, 2), **KW).images
+    assert np.array_equal(images, tiny_pipe(TWO, latents=picked, num_images_per_prompt=2, **KW).images)
+    with pytest.raises(ValueError, match="arrange picks the starting noise; it cannot start from given latents"):
+        generate(tiny_pipe, TWO, guide=guide, latents=picked, **KW)
+
+
+def test_arrange_keeps_the_seeds_own_noise_and_generator_when_it_scores_best(tiny_pipe, monkeypatch):
+    import diffxattn.control.guided as guided
+    from diffxattn.schedulers import make_scheduler
+
+    original = tiny_pipe.scheduler
+    tiny_pipe.scheduler = make_scheduler("euler-ancestral", config=original.config)  # draws noise at every step
+    try:
+        plain = generate(tiny_pipe, TWO, num_images_per_prompt=2, generator=seeded(3, 2), **KW).images
+        monkeypatch.setattr(guided, "layout_score", lambda centers, relations: 0.0)  # a tie: the first candidate
+        same = generate(tiny_pipe, TWO, guide=Guide(arrange="auto"), num_images_per_prompt=2, generator=seeded(3, 2),
+                        **KW).images
+    finally:
+        tiny_pipe.scheduler = original
+    assert np.array_equal(plain, same)  # the step noises too: the generators advanced as the plain call's
+
+
+def test_arrange_leaves_a_one_object_prompt_alone_and_heatmaps_see_only_the_final_run(tiny_pipe):
+    calls = []
+    hook = tiny_pipe.unet.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        plain = generate(tiny_pipe, "a red circle", generator=seeded(0), **KW).images
+        n = len(calls)
+        same = generate(tiny_pipe, "a red circle", guide=Guide(arrange="auto"), generator=seeded(0), **KW).images
+    finally:
+        hook.remove()
+    assert np.array_equal(plain, same) and len(calls) == 2 * n  # no partial run: nothing to arrange
+    guide = Guide(arrange="auto", candidates=2)
+    with AttentionStore(tiny_pipe) as store:
+        image = generate(tiny_pipe, TWO, guide=guide, generator=seeded(1), **KW).images
+    with AttentionGuide(tiny_pipe, guide) as g:
+        picked = g.arrange(dict(prompt=TWO, generator=seeded(1), **KW, **g.kwargs()))
+    with AttentionStore(tiny_pipe) as alone:
+        again = tiny_pipe(TWO, latents=picked, **KW).images
+    assert np.array_equal(image, again) and torch.equal(store.token_maps(0), alone.token_maps(0))
+    with pytest.raises(ValueError, match="arrange picks the starting noise of generate and heatmap"):
+        edit(tiny_pipe, TWO, "a red circle left of a green square", guide=guide)
+
+
+def test_arrange_under_word_weights_and_prompt_editing(tiny_pipe, monkeypatch):
+    prompt = "a (red:1.5) circle left of a [blue:green:0.5] square"
+    picks, original = [], AttentionGuide.arrange
+    monkeypatch.setattr(AttentionGuide, "arrange", lambda self, call: picks.append(original(self, call)) or picks[-1])
+    images = generate(tiny_pipe, prompt, guide=Guide(arrange="auto", candidates=3), generator=seeded(2), **KW).images
+    assert picks[0].shape == (1, 3, 16, 16)  # the weights and the schedule ran in the partial run too
+    assert np.array_equal(images, generate(tiny_pipe, prompt, latents=picks[0], **KW).images)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_arrange_on_stable_diffusion(sd_pipe, scale):
+    kw = dict(num_inference_steps=4, guidance_scale=scale, output_type="np")
+    guide = Guide(arrange=("circle", "square"), candidates=2)  # words named: any prompt
+    with AttentionGuide(sd_pipe, guide) as g:
+        picked = g.arrange(dict(prompt=TWO, generator=seeded(0), **kw, **g.kwargs()))
+    assert picked.shape == (1, 4, 8, 8) and g.layout.shape == (1, 2)  # 16x16 images: 8x8 latents
+    assert g.plans[0].relations == ["left of"] and torch.equal(picked[0], _candidate(0, int(g.layout.argmax()),
+                                                                                     (1, 4, 8, 8)))
+    images = generate(sd_pipe, TWO, guide=guide, generator=seeded(0), **kw).images
+    assert np.array_equal(images, sd_pipe(TWO, latents=picked, **kw).images)
+
+
 # -- command line and eval --
 
 def test_guidance_options_from_the_command_line(tiny_pipe, tmp_path, capsys):
@@ -262,11 +408,23 @@ def test_guidance_options_from_the_command_line(tiny_pipe, tmp_path, capsys):
     assert (tmp_path / "maps" / "index.html").is_file()
     assert main(["edit", "a red circle", "--to", "a blue circle", *common, "--excite", "circle",
                  "-o", str(tmp_path / "e.png")]) == 0
+    assert main(["generate", TWO, *common, "--arrange", "--candidates", "3", "--arrange-at", "0.4",
+                 "-o", str(tmp_path / "a.png")]) == 0
+    assert main(["generate", TWO, *common, "-o", str(tmp_path / "two.png")]) == 0
+    with AttentionGuide(tiny_pipe, Guide(arrange="auto", candidates=3, arrange_at=0.4)) as g:
+        picked = g.arrange(dict(prompt=TWO, generator=seeded(0), num_inference_steps=3, **g.kwargs()))
+    expected = tiny_pipe(TWO, latents=picked, num_inference_steps=3, output_type="np").images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.round(expected * 255).astype(np.uint8))
+    assert main(["heatmap", TWO, "--pipeline", str(tmp_path / "pipe"), "--num-steps", "3", "--arrange",
+                 "circle,square", "-o", str(tmp_path / "arranged")]) == 0
+    assert (tmp_path / "arranged" / "index.html").is_file()
     capsys.readouterr()
     for args, message in [(["--excite", "square"], "excite word 'square' is not in the prompt 'a red circle'"),
                           (["--box", "circle=0,0,1.5,1"], "box of 'circle' 0,0,1.5,1: expected fractions"),
                           (["--bind-loss", "l2"], "argument --bind-loss: invalid choice: 'l2'"),
                           (["--box-method", "dense"], "argument --box-method: invalid choice: 'dense'"),
+                          (["--arrange", "square"], "arrange word 'square' is not in the prompt 'a red circle'"),
+                          (["--arrange", "--candidates", "1"], "candidates=1; expected a whole number >= 2"),
                           (["--box-moves", "0.4,1"], "argument --box-moves: expected comma-separated fractions of "
                                                      "the steps between 0 and 1, e.g. 0.4,0.6, got 0.4,1")]:
         assert _exit_code(["generate", "a red circle", *common, *args, "-o", str(tmp_path / "x.png")]) == 2
@@ -324,6 +482,15 @@ def test_eval_reports_guided_sets_and_box_scores(tiny_pipe):
     plain = evaluate(tiny_pipe, quick=True, sets=("two",), heatmaps=False, edits=False, guidance_scales=(2.0,),
                      steps=2)
     assert plain["config"]["guide"] is None and plain["boxes"] is None
+
+
+def test_eval_scores_arranged_sampling(tiny_pipe):
+    kw = dict(quick=True, sets=("single", "two"), heatmaps=False, edits=False, guidance_scales=(2.0,), steps=2)
+    report = evaluate(tiny_pipe, guide=Guide(arrange="auto", candidates=2), **kw)
+    plain = evaluate(tiny_pipe, **kw)
+    assert report["sets"]["single"] == plain["sets"]["single"]  # one object each: nothing to arrange
+    assert report["config"]["guide"]["arrange"] == "auto" and report["sets"]["two"]["n"] == 4
+    assert "arrange auto: best of 2 noises by the layout at 0.25 of the steps" in format_report(report)
 
 
 def test_the_box_score_uses_the_given_settings_without_words(tiny_pipe, monkeypatch):

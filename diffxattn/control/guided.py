@@ -22,6 +22,13 @@ places the object but reshapes it): at a few steps (`moves`, after the layout ha
 its object, and a permutation of the latents carries the object's window to the box (`box_move`). A permutation
 keeps the latents' noise statistics, and the object keeps the shape and color the model was drawing.
 
+Two-object prompts have a third method, which changes no latent: `arrange` picks the starting noise. Of
+`candidates` noises (the seed's own first), sampled together to `arrange_at` of the steps, it keeps the one whose
+objects' maps lie apart, as the prompt's relation says, each in one place (`layout_score`), and sampling starts
+again from it (`AttentionGuide.arrange`; a choice of the initial noise by its early attention, as InitNO (Guo et
+al. 2024) scores noises). On the shipped model the layout is what the maps tell best this early, and a right
+layout also brings the right colors and count.
+
 At the `refine` steps the step repeats (up to `iterations` times) until the loss is under that step's target
 (Attend-and-Excite's iterative refinement). Words are addressed as heatmaps address them: "circle", "circle#2".
 
@@ -73,11 +80,16 @@ class Guide:
     moves: tuple[float, ...] = (0.4, 0.6)  # step fractions at which "move" places the boxed objects
     box_weight: float = 1.0  # "gradient": the box loss's weight
     top_k: float = 0.2  # "gradient": BoxDiff's P, the fraction of a region's cells whose mean is scored
+    arrange: tuple[str, ...] | str = ()  # objects whose layout picks the starting noise, or "auto" (shape words)
+    candidates: int = 4  # "arrange": starting noises tried per image
+    arrange_at: float = 0.25  # "arrange": the step fraction at which the candidates' maps are read
 
     def __post_init__(self):
         object.__setattr__(self, "steps", StepRange.of(self.steps))
         if isinstance(self.excite, str) and self.excite != "auto":
             raise ValueError(f"excite={self.excite!r}; expected words or 'auto'")
+        if isinstance(self.arrange, str) and self.arrange != "auto":
+            raise ValueError(f"arrange={self.arrange!r}; expected words or 'auto'")
         if isinstance(self.bind, str) and self.bind != "auto":
             raise ValueError(f"bind={self.bind!r}; expected (attribute, noun) pairs or 'auto'")
         if self.bind_loss not in BIND_LOSSES:
@@ -101,15 +113,19 @@ class Guide:
             raise ValueError(f"top_k={self.top_k!r}; expected a fraction in (0, 1]")
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
             raise ValueError(f"iterations={self.iterations!r}; expected a whole number >= 1")
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 2:
+            raise ValueError(f"candidates={self.candidates!r}; expected a whole number >= 2")
+        if not (isinstance(self.arrange_at, (int, float)) and 0 < self.arrange_at < 1):
+            raise ValueError(f"arrange_at={self.arrange_at!r}; expected a step fraction strictly between 0 and 1")
 
     def __bool__(self) -> bool:
-        return bool(self.excite or self.bind or self.boxes)
+        return bool(self.excite or self.bind or self.boxes or self.arrange)
 
 
 def parse_options(excite: str | None = None, bind: str | None = None, boxes: list[str] | None = None,
-                  **settings) -> Guide:
-    """A Guide from command-line text: excite "WORD,...", bind "ADJ=NOUN,..." or "auto", boxes
-    ["WORD=x0,y0,x1,y1", ...]; `settings` (None values left out) go to Guide as they are. Without any word the
+                  arrange: str | None = None, **settings) -> Guide:
+    """A Guide from command-line text: excite and arrange "WORD,..." or "auto", bind "ADJ=NOUN,..." or "auto",
+    boxes ["WORD=x0,y0,x1,y1", ...]; `settings` (None values left out) go to Guide as they are. Without any word the
     Guide is false: it guides nothing, but holds the settings (the box score of `eval` adds its boxes)."""
     def words(text: str, what: str) -> list[str]:
         items = [w.strip() for w in text.split(",")]
@@ -118,8 +134,9 @@ def parse_options(excite: str | None = None, bind: str | None = None, boxes: lis
         return items
 
     kwargs = {k: v for k, v in settings.items() if v is not None}
-    if excite is not None:
-        kwargs["excite"] = "auto" if excite == "auto" else tuple(words(excite, "excite"))
+    for name, text in (("excite", excite), ("arrange", arrange)):
+        if text is not None:
+            kwargs[name] = "auto" if text == "auto" else tuple(words(text, name))
     if bind is not None:
         pairs = []
         for item in ([] if bind == "auto" else words(bind, "bind")):
@@ -261,6 +278,20 @@ def box_loss(m: torch.Tensor, box: Box, top_k: float = 0.2) -> torch.Tensor:
 def object_center(m: torch.Tensor) -> tuple[float, float] | None:
     """(x, y), fractions of the image: the centroid of a word map's cells above the map's mean, weighted by their
     excess to the 4th power (the object's peak, little moved by attention spread elsewhere); None for a flat map."""
+    found = _peak(m)
+    return None if found is None else found[:2]
+
+
+def object_spread(m: torch.Tensor) -> float:
+    """The RMS distance (fraction of the image) of a word map's peak cells from their centroid, weighted as
+    `object_center` weighs them: small for one compact object, large for attention in several places (which
+    draws the object more than once); 1 for a flat map."""
+    found = _peak(m)
+    return 1.0 if found is None else found[2]
+
+
+def _peak(m: torch.Tensor) -> tuple[float, float, float] | None:
+    """(x, y, spread) of `object_center` and `object_spread`, or None for a flat map."""
     weight = (m - m.mean()).clamp_min(0) ** 4
     total = weight.sum()
     if not total > 0:
@@ -268,7 +299,9 @@ def object_center(m: torch.Tensor) -> tuple[float, float] | None:
     h, w = m.shape
     ys = (torch.arange(h, device=m.device, dtype=m.dtype) + 0.5) / h
     xs = (torch.arange(w, device=m.device, dtype=m.dtype) + 0.5) / w
-    return float((weight.sum(0) * xs).sum() / total), float((weight.sum(1) * ys).sum() / total)
+    x, y = (weight.sum(0) * xs).sum() / total, (weight.sum(1) * ys).sum() / total
+    spread = ((weight * ((xs[None] - x) ** 2 + (ys[:, None] - y) ** 2)).sum() / total).sqrt()
+    return float(x), float(y), float(spread)
 
 
 def box_move(size: tuple[int, int], center: tuple[float, float], box: Box) -> torch.Tensor | None:
@@ -310,6 +343,37 @@ def move_into_box(latents: torch.Tensor, center: tuple[float, float], box: Box) 
     return permute_pixels(latents, box_move(latents.shape[-2:], center, box))
 
 
+# (x or y, the sign of object i+1's coordinate minus object i's) of "object i RELATION object i+1"
+RELATION_AXES = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
+
+
+def layout_score(word_maps: list[torch.Tensor], relations: list[str | None], spread_weight: float = 4.0) -> float:
+    """How well the objects' word maps (h, w) lay out the prompt, from their centers (`object_center`): for each
+    consecutive pair, the signed offset along its relation's axis (relations[i] places object i relative to
+    object i + 1; None: no relation) plus half the centers' distance up to 0.3 (two places, not one); less
+    `spread_weight` times the largest `object_spread` (an object in one place, not two)."""
+    centers = [object_center(m) or (0.5, 0.5) for m in word_maps]
+    score = 0.0
+    for ((x1, y1), (x2, y2)), relation in zip(zip(centers, centers[1:]), relations):
+        if relation is not None:
+            axis, sign = RELATION_AXES[relation]
+            score += sign * ((x2 - x1) if axis == 0 else (y2 - y1))
+        score += 0.5 * min(0.3, math.hypot(x2 - x1, y2 - y1))
+    return score - spread_weight * max((object_spread(m) for m in word_maps), default=0.0)
+
+
+def _relation(words: list[str]) -> str | None:
+    """The relation (a key of RELATION_AXES) one of whose phrasings `words` contain, if any."""
+    from ..data.captions import RELATION_PHRASES
+
+    words = [w.lower() for w in words]
+    for relation, phrases in RELATION_PHRASES.items():
+        for phrase in phrases:
+            if any(tuple(words[i:i + len(phrase)]) == phrase for i in range(len(words))):
+                return relation
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Which words each prompt's objectives name
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +386,8 @@ class _Plan:
     excite: list[list[int]] = field(default_factory=list)
     bind: list[tuple[list[int], list[int], list[list[int]]]] = field(default_factory=list)
     boxes: list[tuple[list[int], Box]] = field(default_factory=list)
+    arrange: list[list[int]] = field(default_factory=list)  # the objects' words, in the prompt's order
+    relations: list[str | None] = field(default_factory=list)  # relations[i]: object i relative to i + 1
 
 
 def _grammar(prompt: str):
@@ -351,20 +417,25 @@ def plan(tokenizer, prompt: str | TokenizedPrompt, guide: Guide) -> _Plan:
         return positions[word]
 
     result = _Plan(eos=len(tokens.ids) - 1)
-    excite, bind = guide.excite, guide.bind
-    if "auto" in (excite, bind):
+    excite, bind, arrange = guide.excite, guide.bind, guide.arrange
+    words = [w for w, _ in tokens.words]
+    if "auto" in (excite, bind, arrange):
         from ..data.captions import COLORS, SIZES
 
         spec, owners = _grammar(tokens.clean)
-        words = [w for w, _ in tokens.words]
         nouns = {o["shape"] for o in spec["objects"]}
         shape_of = {i: k for k, (w, i) in enumerate(zip(words, owners)) if w in nouns and i >= 0}  # object -> word
         if excite == "auto":
             excite = tuple(keys[k] for k in shape_of.values())
+        if arrange == "auto":
+            arrange = tuple(keys[k] for k in shape_of.values())
         if bind == "auto":
             bind = tuple((keys[k], keys[shape_of[i]]) for k, (w, i) in enumerate(zip(words, owners))
                          if (w in COLORS or w in SIZES) and i in shape_of)
     result.excite = [at(w, "excite") for w in excite]
+    result.arrange = [at(w, "arrange") for w in arrange]
+    order = [keys.index(w) for w in arrange]
+    result.relations = [_relation(words[a + 1:b]) for a, b in zip(order, order[1:])]
     for attribute, noun in bind:
         a, n = at(attribute, "bind"), at(noun, "bind")
         others = [at(w, "bind") for pair in bind if noun not in pair for w in pair]
@@ -391,7 +462,8 @@ class AttentionGuide(ControllerContext):
         super().__init__(pipe)
         self.guide, self.shared = guide, shared
         self.plans: list[_Plan] = []
-        self.checked = self.probing = False
+        self.checked = self.probing = self.arranging = False
+        self.layout = self.noises = None  # `arrange`'s scores of its candidates, and the candidates
         self.maps: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.losses: dict[int, float] = {}
         self.tensor_inputs = (self.tensor_inputs + (["prompt_attention_mask"] if masks_padding(pipe) else [])
@@ -428,14 +500,87 @@ class AttentionGuide(ControllerContext):
         moving = self.guide.box_method == "move" and any(p.boxes for p in self.plans) and \
             any(round(f * n) == step for f in self.guide.moves)
         gradient = self.guide.steps.contains(step, n) and any(map(self._has_loss, self.plans))
-        if not (moving or gradient):
+        reading = self.arranging and step == max(1, round(self.guide.arrange_at * n))
+        if not (moving or gradient or reading):
             return {}
         t = pipe.scheduler.timesteps[step * order]
         x = tensors["latents"]
         embeds, mask = self._text(tensors, x.shape[0])
         if moving:
             x = self._move(pipe, x, t, embeds, mask)
-        return {"latents": self._descend(pipe, x, step, n, t, embeds, mask) if gradient else x}
+        if gradient:
+            x = self._descend(pipe, x, step, n, t, embeds, mask)
+        if reading:
+            with torch.no_grad():
+                maps = self._probe(pipe, x, t, embeds, mask)
+            self.layout = torch.tensor([self._layout(maps[r], self._plan_of(r, len(maps))) for r in range(len(maps))])
+            raise _LayoutRead
+        return {"latents": x}
+
+    # -- the starting noise picked by the layout --
+    def arrange(self, call: dict) -> torch.Tensor | None:
+        """The starting latents (B, C, h, w) for the pipeline call `call` (its keyword arguments: a prompt or a
+        one-row prompt_embeds, num_images_per_prompt, generator, height, width, ... and step callbacks that run
+        this guide's): for each image, the best of `guide.candidates` noises by the layout their maps show at
+        `guide.arrange_at` of the steps (`layout_score`), all sampled together to that step in one call. The first
+        candidate is the noise the call would draw (its generators advance as the call would advance them); the
+        others come from generators seeded with the image's seed + 1000 k (k = 1, 2, ...; one generator for all
+        images: its seed + image + 1000 k). None when no prompt names two objects to arrange: the call's own
+        noise. `layout` keeps the scores (B, candidates) and `noises` the candidates (B, candidates, C, h, w)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if call.get("latents") is not None:
+            raise ValueError("arrange picks the starting noise; it cannot start from given latents")
+        prompt, n = call.get("prompt"), call.get("num_images_per_prompt") or 1
+        prompts = [prompt] if isinstance(prompt, str) or prompt is None else list(prompt)
+        if prompt is None and call["prompt_embeds"].shape[0] != 1:
+            raise ValueError("arrange takes prompt text or one row of prompt embeddings")
+        if not self.checked:
+            if prompt is None:
+                raise ValueError("arrange with prompt_embeds: call check(prompts) first, so its words are known")
+            self.check([p for p in prompts for _ in range(n)])
+        if not any(len(p.arrange) > 1 for p in self.plans):
+            return None
+        k, batch = self.guide.candidates, len(prompts) * n
+        scale = getattr(self.pipe, "vae_scale_factor", 1)  # Stable Diffusion's latents are 8x smaller
+        size = self.pipe.unet.config.sample_size
+        shape = (batch, self.pipe.unet.config.in_channels, (call.get("height") or size * scale) // scale,
+                 (call.get("width") or size * scale) // scale)
+        device, dtype = self.pipe.unet.device, self.pipe.unet.dtype
+        generator = call.get("generator")
+        first = randn_tensor(shape, generator=generator, device=device, dtype=dtype)  # as the call draws it
+        rows, generators = [], []
+        for b in range(batch):
+            g = generator[b] if isinstance(generator, list) else generator
+            rows.append([first[b]])
+            generators.append(_clone(g))
+            for j in range(1, k):
+                own = None if g is None else torch.Generator(device=g.device).manual_seed(
+                    g.initial_seed() + 1000 * j + (0 if isinstance(generator, list) else b))
+                rows[-1].append(randn_tensor(shape[1:], generator=own, device=device, dtype=dtype))
+                generators.append(own)
+        noises = torch.stack([torch.stack(r) for r in rows])  # (B, k, C, h, w): each image's candidates together
+        texts = {"prompt": [p for p in prompts for _ in range(n * k)], "num_images_per_prompt": 1} \
+            if prompt is not None else {"num_images_per_prompt": batch * k}
+        self.arranging, self.layout, self.noises = True, None, noises
+        try:
+            self.pipe(**{**call, **texts, "latents": noises.flatten(0, 1),
+                         "generator": None if generator is None else generators})
+        except _LayoutRead:
+            pass
+        finally:
+            self.arranging = False
+        if self.layout is None:
+            raise RuntimeError("arrange read no layout: the call's step callbacks must run this guide's callback, "
+                               "and sampling needs 2 steps or more")
+        self.layout = self.layout.view(batch, k)
+        return noises[torch.arange(batch), self.layout.argmax(1)]  # ties: the first (the call's own noise)
+
+    def _layout(self, maps: torch.Tensor, p: _Plan) -> float:
+        if len(p.arrange) < 2:
+            return 0.0
+        text = text_maps(maps, p.eos, self.guide.temperature)
+        return layout_score([text[w].mean(0) for w in p.arrange], p.relations)
 
     def _has_loss(self, p: _Plan) -> bool:
         return bool(p.excite or p.bind or (p.boxes and self.guide.box_method == "gradient"))
@@ -553,6 +698,19 @@ class AttentionGuide(ControllerContext):
             terms.append(self.guide.box_weight * torch.stack(
                 [box_loss(word(w), box, self.guide.top_k) for w, box in p.boxes]).mean())
         return torch.stack(terms).sum() if terms else maps.sum() * 0
+
+
+class _LayoutRead(Exception):
+    """Ends `arrange`'s partial sampling once the layout is read."""
+
+
+def _clone(generator: torch.Generator | None) -> torch.Generator | None:
+    """A generator in the same state, so a partial run does not advance the caller's."""
+    if generator is None:
+        return None
+    clone = torch.Generator(device=generator.device)
+    clone.set_state(generator.get_state())
+    return clone
 
 
 def _scheduler_state(scheduler, shape) -> list[tuple[object, object]]:

@@ -92,7 +92,10 @@ def _score_set(pipe, prompts: list[str], seeds, *, scale: float, steps: int, bat
         with ExitStack() as stack:
             store = stack.enter_context(AttentionStore(pipe, step_bins=0)) if heat is not None else None
             if guide:
-                kwargs.update(stack.enter_context(AttentionGuide(pipe, guide)).kwargs())
+                guided = stack.enter_context(AttentionGuide(pipe, guide))
+                kwargs.update(guided.kwargs())
+                if guide.arrange:
+                    kwargs["latents"] = guided.arrange({"prompt": texts, **kwargs})
             images = metrics.to_uint8(pipe(texts, **kwargs).images)
         for k, (text, image) in enumerate(zip(texts, images)):
             detections = detect(image)
@@ -334,6 +337,8 @@ def format_report(report: dict) -> str:
         lines.append(f"attention-guided: excite {g['excite'] or '-'}, bind {g['bind'] or '-'}, steps {g['steps']}, "
                      f"step size {g['step_size']:g}, iterations {g['iterations']}; boxes by {g['box_method']}"
                      + (f" at {', '.join(f'{f:g}' for f in g['moves'])} of the steps"
-                        if g["box_method"] == "move" else ""))
+                        if g["box_method"] == "move" else "")
+                     + (f"; arrange {g['arrange']}: best of {g['candidates']} noises by the layout at "
+                        f"{g['arrange_at']:g} of the steps" if g.get("arrange") else ""))
     lines.append(f"\n{report['seconds']:.1f} s")
     return "\n".join(lines)
