@@ -14,6 +14,9 @@ All on one DiffXAttnPipeline around the shapes-32 XAttnUNet (random weights; DDI
   takes all its iterations: the worst case.
 - box: a box on the source's shape word at its default settings (`Guide(boxes=...)`: the object moved into its
   box at 40% and 60% of the steps) vs a plain generation of the source; target <= 3x.
+- arrange: the starting noise picked at its default settings (`Guide(arrange="auto")`: 4 candidate noises
+  sampled together to 25% of the steps, then the picked one in full) vs a plain generation of the two-object
+  prompt; target <= 3x.
 """
 
 from __future__ import annotations
@@ -77,8 +80,12 @@ def run(args) -> dict:
         return generate(pipe, SOURCE, guide=Guide(boxes=((BOXED, (0.5, 0.5, 1.0, 1.0)),)), num_inference_steps=n,
                         height=size, width=size, generator=torch.Generator().manual_seed(0), output_type="pt")
 
+    def arranged(n=steps):
+        return generate(pipe, TWO, guide=Guide(arrange="auto"), num_inference_steps=n, height=size, width=size,
+                        generator=torch.Generator().manual_seed(0), output_type="pt")
+
     fns = {"plain": plain, "capture": captured, "edit": edited, "plain_two": plain_two, "guided": guided,
-           "box": boxed}
+           "box": boxed, "arrange": arranged}
     times = common.interleaved(fns, warmup=s["warmup"], repeats=s["repeats"])
     rows = [
         common.comparison(
@@ -113,6 +120,8 @@ def run(args) -> dict:
     )
     rows.append(common.comparison("box", "plain generation", "a box on one word", times["plain"], times["box"],
                                   "s/image", ("<=", 3.0)))
+    rows.append(common.comparison("arrange", "plain generation (two objects)", "starting noise arranged",
+                                  times["plain_two"], times["arrange"], "s/image", ("<=", 3.0)))
     few, many = s["memory_steps"]
     store_few, store_many = captured(few), captured(many)
     rows.append(

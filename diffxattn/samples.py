@@ -39,8 +39,8 @@ REWEIGHT = ("a (red:{w}) circle at the left", (0.25, 0.5, 1.0, 1.5, 2.0, 3.0))
 HEATMAP_PROMPT = "a red circle left of a blue square"
 # attention-guided sampling: (prompt, method, guide options); for each, the first seed whose plain image fails
 GUIDED = [
-    ("a red circle left of a blue square", "excite + bind", dict(excite="auto", bind="auto")),
-    ("a green triangle above a yellow square", "excite + bind", dict(excite="auto", bind="auto")),
+    ("a red circle left of a blue square", "arrange", dict(arrange="auto")),
+    ("a green triangle above a yellow square", "arrange", dict(arrange="auto")),
     ("a blue circle", "box", dict(boxes=(("circle", (0.05, 0.05, 0.5, 0.5)),))),
     ("a red circle above a blue square", "boxes", dict(boxes=(("circle", (0.55, 0.05, 0.95, 0.45)),
                                                              ("square", (0.05, 0.55, 0.45, 0.95))))),
