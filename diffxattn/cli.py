@@ -654,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = p.parse_known_args(argv)
     if extra and args.command not in ("build", "train", "train-clip"):
         dash = " (a prompt that starts with '-' goes last, after --)" if any(e.startswith("-") for e in extra) else ""
-        OneLineParser(prog=f"diffxattn {args.command}").error(f"unrecognized arguments: {' '.join(extra)}{dash}")
+        shown = " ".join(e if e.isprintable() else repr(e) for e in extra)  # a newline in one would end the line
+        OneLineParser(prog=f"diffxattn {args.command}").error(f"unrecognized arguments: {shown}{dash}")
     args.overrides = extra
     return run(f"diffxattn {args.command}", lambda: with_prompt_warnings(args), args.debug)
 

@@ -145,3 +145,10 @@ def test_an_unknown_argument_is_the_commands_one_line_error(capsys):
         assert code == 2 and len(err) == 1, err
         assert err[0].startswith(f"diffxattn {argv[0]}: error: unrecognized arguments: {argv[-1]}"), err
     assert "after --" in err[0]  # a prompt starting with '-' is the likely mistake
+    try:  # a stray argument with a newline (the fuzzer's '-\n') is shown escaped, on the one line
+        code = main(["heatmap", "-\n", "-o", "maps"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["diffxattn heatmap: error: unrecognized arguments: '-\\n' (a prompt that starts with "
+                                 "'-' goes last, after --) (see diffxattn heatmap --help)"], err
