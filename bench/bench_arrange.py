@@ -1,7 +1,7 @@
 """Research bench for `--arrange`: every candidate noise sampled in full, and the ways to pick one compared.
 
-    python bench/bench_arrange.py                  # shipped pipeline, 64 two-object prompts x 2 seeds, 8 candidates; ~15 min
-    python bench/bench_arrange.py --quick          # a tiny pipeline it builds, 2 prompts: the plumbing only
+    python bench/bench_arrange.py          # shipped pipeline, 64 two-object prompts x 2 seeds, 8 candidates; ~13 min
+    python bench/bench_arrange.py --quick  # a tiny pipeline it builds, 2 prompts: the plumbing only
 
 For each prompt and seed, `AttentionGuide.arrange` (guidance scale 4, the eval's) reads the objects' maps of
 `--candidates` starting noises at 25% of the steps; then each candidate is sampled in full and scored by the

@@ -328,8 +328,7 @@ def cmd_eval(args) -> None:
     from .eval.run import evaluate, format_report
 
     methods = args.guided or ()
-    guide = attention_guide(args, excite="auto" if "excite" in methods else None,
-                            bind="auto" if "bind" in methods else None, arrange="auto" if "arrange" in methods else None)
+    guide = attention_guide(args, **{m: "auto" for m in ("excite", "bind", "arrange") if m in methods})
     pipe = load_pipeline(args.pipeline, args.scheduler, scheduler_options=args.scheduler_option or [])
     report = evaluate(pipe, quick=args.quick, seeds=args.seeds, guidance_scales=args.guidance,
                       guidance_scale=args.main_guidance, **guidance_options(args),

@@ -211,7 +211,8 @@ def test_arrange_bench_samples_every_candidate_and_scores_the_picking_rules(tmp_
     assert data["benchmark"] == "arrange" and data["quick"] is True
     records, rows = data["records"], {r["rule"]: r for r in data["rows"]}
     assert len(records) == 2 and all(len(r["outcomes"]) == 2 for r in records)
-    assert rows["plain (the seed's own noise)"]["all"] == pytest.approx(np.mean([r["outcomes"][0]["all"] for r in records]))
+    plain = np.mean([r["outcomes"][0]["all"] for r in records])
+    assert rows["plain (the seed's own noise)"]["all"] == pytest.approx(plain)
     picked = [r["outcomes"][int(np.argmax(r["scores"]["4.0"]))]["all"] for r in records]
     assert rows["2 candidates, spread weight 4"]["all"] == pytest.approx(np.mean(picked))
     assert all(rows["2 candidates, oracle (a right one if any)"]["all"] >= r["all"] for r in data["rows"])
