@@ -343,27 +343,25 @@ def move_into_box(latents: torch.Tensor, center: tuple[float, float], box: Box) 
     return permute_pixels(latents, box_move(latents.shape[-2:], center, box))
 
 
-# (x or y, the sign of object i+1's coordinate minus object i's) of "object i RELATION object i+1"
-RELATION_AXES = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
-
-
 def layout_score(word_maps: list[torch.Tensor], relations: list[str | None], spread_weight: float = 4.0) -> float:
     """How well the objects' word maps (h, w) lay out the prompt, from their centers (`object_center`): for each
-    consecutive pair, the signed offset along its relation's axis (relations[i] places object i relative to
+    consecutive pair, the signed offset along its relation's direction (relations[i] places object i relative to
     object i + 1; None: no relation) plus half the centers' distance up to 0.3 (two places, not one); less
     `spread_weight` times the largest `object_spread` (an object in one place, not two)."""
+    from ..data.captions import RELATION_DIRECTIONS
+
     centers = [object_center(m) or (0.5, 0.5) for m in word_maps]
     score = 0.0
     for ((x1, y1), (x2, y2)), relation in zip(zip(centers, centers[1:]), relations):
         if relation is not None:
-            axis, sign = RELATION_AXES[relation]
-            score += sign * ((x2 - x1) if axis == 0 else (y2 - y1))
+            dx, dy = RELATION_DIRECTIONS[relation]
+            score += dx * (x2 - x1) + dy * (y2 - y1)
         score += 0.5 * min(0.3, math.hypot(x2 - x1, y2 - y1))
     return score - spread_weight * max((object_spread(m) for m in word_maps), default=0.0)
 
 
 def _relation(words: list[str]) -> str | None:
-    """The relation (a key of RELATION_AXES) one of whose phrasings `words` contain, if any."""
+    """The relation (a key of RELATION_PHRASES) one of whose phrasings `words` contain, if any."""
     from ..data.captions import RELATION_PHRASES
 
     words = [w.lower() for w in words]
@@ -529,6 +527,8 @@ class AttentionGuide(ControllerContext):
         noise. `layout` keeps the scores (B, candidates) and `noises` the candidates (B, candidates, C, h, w)."""
         from diffusers.utils.torch_utils import randn_tensor
 
+        from ..inversion import image_size, latent_shape
+
         if call.get("latents") is not None:
             raise ValueError("arrange picks the starting noise; it cannot start from given latents")
         prompt, n = call.get("prompt"), call.get("num_images_per_prompt") or 1
@@ -542,10 +542,8 @@ class AttentionGuide(ControllerContext):
         if not any(len(p.arrange) > 1 for p in self.plans):
             return None
         k, batch = self.guide.candidates, len(prompts) * n
-        scale = getattr(self.pipe, "vae_scale_factor", 1)  # Stable Diffusion's latents are 8x smaller
-        size = self.pipe.unet.config.sample_size
-        shape = (batch, self.pipe.unet.config.in_channels, (call.get("height") or size * scale) // scale,
-                 (call.get("width") or size * scale) // scale)
+        height, width = image_size(self.pipe)
+        shape = (batch, *latent_shape(self.pipe, call.get("height") or height, call.get("width") or width)[1:])
         device, dtype = self.pipe.unet.device, self.pipe.unet.dtype
         generator = call.get("generator")
         first = randn_tensor(shape, generator=generator, device=device, dtype=dtype)  # as the call draws it

@@ -26,6 +26,8 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "center")
 RELATIONS = ("left of", "right of", "above", "below")
+# Where object i+1 lies from object i when "object i <relation> object i+1": (dx, dy), image y pointing down.
+RELATION_DIRECTIONS = {"left of": (1, 0), "right of": (-1, 0), "above": (0, 1), "below": (0, -1)}
 
 # Synonymous phrasings; the first one is canonical (used by `canonical=True` captions).
 POSITION_PHRASES: dict[str, tuple[tuple[str, ...], ...]] = {

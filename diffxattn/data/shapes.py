@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .captions import COLORS, POSITIONS, RELATIONS, SHAPES, SIZES, build_caption, parse_caption_words
+from .captions import (COLORS, POSITIONS, RELATION_DIRECTIONS, RELATIONS, SHAPES, SIZES, build_caption,
+                       parse_caption_words)
 
 __all__ = [
     "COLORS", "SHAPES", "SIZES", "POSITIONS", "RELATIONS", "POSITION_ANCHORS",
@@ -36,8 +37,6 @@ POSITION_ANCHORS: dict[str, tuple[float, float]] = {
     "left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75),
     "center": (0.5, 0.5),
 }
-# Where object i+1 lies from object i when "object i <relation> object i+1" (image y points down).
-_DIRECTIONS = {"left of": (1, 0), "right of": (-1, 0), "above": (0, 1), "below": (0, -1)}
 # Bounding-box extent at 32x32, scaled with the image: large enough to tell shapes apart, small
 # enough that two large objects fit side by side with a gap.
 _EXTENT_AT_32 = {"small": 8.0, "large": 13.0}
@@ -218,7 +217,7 @@ def _chain(radii: list[float], relations: list[str], gaps, offsets) -> list[tupl
     centers = [(0.0, 0.0)]
     for i, rel in enumerate(relations):
         d = radii[i] + radii[i + 1] + gaps[i]
-        dx, dy = _DIRECTIONS[rel]
+        dx, dy = RELATION_DIRECTIONS[rel]
         x, y = centers[-1]
         centers.append((x + (dx + abs(dy) * offsets[i]) * d, y + (dy + abs(dx) * offsets[i]) * d))
     return centers
@@ -249,7 +248,7 @@ def _place_chain(radii, relations, size, rng):
     room = [size - 2 * _pad(size) - (tight[2] - tight[0]), size - 2 * _pad(size) - (tight[3] - tight[1])]
     if min(room) < 0:
         return None
-    axes = [0 if _DIRECTIONS[r][1] == 0 else 1 for r in relations]
+    axes = [0 if RELATION_DIRECTIONS[r][1] == 0 else 1 for r in relations]
     slack = [room[a] / axes.count(a) for a in axes]  # share each axis' spare room among its relations
     for attempt in range(20):
         gaps = [_margin(size) + u * r for u, r in zip(rng.random(n_rel), slack)]
