@@ -101,7 +101,10 @@ def line_chart(points: dict[str, list[tuple[float, float]]], title: str, xlabel:
         d.line([(left, y), (w - right, y)], fill=(225, 225, 225))
         d.text((8, y - 6), f"{frac:.2f}", fill="black")
     d.text(((left + w - right) // 2 - 30, h - 18), xlabel, fill="black")
-    d.text((w - right - 20, h - bottom + 4), f"{xmax:.0f}", fill="black")
+    for x in _ticks(xmax):
+        px, py = to_px(x, 0)
+        d.line([(px, py), (px, py + 4)], fill="black")
+        d.text((px - 6, py + 6), f"{x:g}", fill="black")
     colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
     for k, (name, pts) in enumerate(points.items()):
         c = colors[k % len(colors)]
@@ -112,6 +115,12 @@ def line_chart(points: dict[str, list[tuple[float, float]]], title: str, xlabel:
             d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
         d.text((w - right + 10, top + 16 * k), name, fill=c)
     return img
+
+
+def _ticks(xmax: float, most: int = 6) -> list[float]:
+    """0 and the multiples of a round step (1, 2 or 5 x 10^k) up to `xmax`, at most `most` steps."""
+    step = next(m * 10.0 ** e for e in range(-3, 10) for m in (1, 2, 5) if xmax / (m * 10.0 ** e) <= most)
+    return [round(i * step, 6) for i in range(int(xmax / step + 1e-9) + 1)]
 
 
 def _seed(s: int) -> torch.Generator:

@@ -3,7 +3,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from diffxattn.samples import EDITS, GALLERY, GUIDED, REWEIGHT, guidance_curve, make_samples
+from diffxattn.samples import EDITS, GALLERY, GUIDED, REWEIGHT, _ticks, guidance_curve, make_samples
 
 
 def test_samples_command_writes_every_picture_the_readme_shows(tiny_pipe, tmp_path):
@@ -42,6 +42,12 @@ def test_samples_command_writes_every_picture_the_readme_shows(tiny_pipe, tmp_pa
     assert guidance.shape == (360, 640, 3)  # one panel: only the "two" set was scored
     plot = guidance[:, :640 - 170]
     assert (plot == blue).all(-1).sum() > 20 and (plot == orange).all(-1).sum() > 20  # one line per report
+
+
+def test_chart_ticks_are_round_steps_from_zero():
+    assert _ticks(57.2) == [0, 10, 20, 30, 40, 50]
+    assert _ticks(5.0) == [0, 1, 2, 3, 4, 5] and _ticks(1.0) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert _ticks(61.3) == [0, 20, 40, 60] and _ticks(0.3) == [0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
 
 
 def test_guidance_curve_adds_the_reports_main_scale_in_order():
