@@ -4,9 +4,10 @@
         STEP:PIPELINE_DIR [STEP:PIPELINE_DIR ...] -o pipelines/shapes-32/curve.json
 
 Each checkpoint (exported as a pipeline with `python -m diffxattn.train export`) is scored with `evaluate`
-on 16 prompts per set, one seed, at the pipeline's default sampler and guidance (or `--guidance`); training
-time at a step is the run's logged wall clock (`wall_s`), or for older runs the sum of its steps' time from the
-logged images/s.
+on 16 prompts per set, one seed, at the pipeline's default sampler and guidance (or `--guidance`); with
+`--arrange` the starting noise is picked by the objects' layout (`Guide(arrange="auto")`, as `diffxattn eval
+--guided arrange`). Training time at a step is the run's logged wall clock (`wall_s`), or for older runs the
+sum of its steps' time from the logged images/s.
 """
 
 import argparse
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from diffxattn import DiffXAttnPipeline
+from diffxattn.control.guided import Guide
 from diffxattn.eval.run import evaluate
 
 
@@ -41,6 +43,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--guidance", type=float, help="guidance scale (default: each pipeline's)")
+    p.add_argument("--arrange", action="store_true", help="pick the starting noise by the objects' layout")
     p.add_argument("-o", "--out", type=Path, required=True)
     args = p.parse_args()
     times = seconds_at(args.metrics, args.batch)
@@ -52,9 +55,10 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         guidance = pipe.config.default_guidance_scale if args.guidance is None else args.guidance
         report = evaluate(pipe, seeds=args.seeds, guidance_scales=(guidance,), guidance_scale=guidance, heatmaps=False,
-                          edits=False, sizes={"single": args.prompts, "two": args.prompts, "heldout": args.prompts})
+                          edits=False, sizes={"single": args.prompts, "two": args.prompts, "heldout": args.prompts},
+                          guide=Guide(arrange="auto") if args.arrange else None)
         near = min(times, key=lambda s: abs(s - step))
-        point = {"step": step, "minutes": times[near] / 60, "guidance": guidance,
+        point = {"step": step, "minutes": times[near] / 60, "guidance": guidance, "arrange": args.arrange,
                  **{k: v["all"] for k, v in report["sets"].items()}}
         print(point, flush=True)
         points.append(point)
