@@ -423,10 +423,9 @@ def plan(tokenizer, prompt: str | TokenizedPrompt, guide: Guide) -> _Plan:
         spec, owners = _grammar(tokens.clean)
         nouns = {o["shape"] for o in spec["objects"]}
         shape_of = {i: k for k, (w, i) in enumerate(zip(words, owners)) if w in nouns and i >= 0}  # object -> word
-        if excite == "auto":
-            excite = tuple(keys[k] for k in shape_of.values())
-        if arrange == "auto":
-            arrange = tuple(keys[k] for k in shape_of.values())
+        shape_words = tuple(keys[k] for k in shape_of.values())
+        excite = shape_words if excite == "auto" else excite
+        arrange = shape_words if arrange == "auto" else arrange
         if bind == "auto":
             bind = tuple((keys[k], keys[shape_of[i]]) for k, (w, i) in enumerate(zip(words, owners))
                          if (w in COLORS or w in SIZES) and i in shape_of)
