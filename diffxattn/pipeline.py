@@ -305,6 +305,9 @@ class DiffXAttnPipeline(DiffusionPipeline):
         latents = latents * self.scheduler.init_noise_sigma
         self._num_timesteps = len(self.scheduler.timesteps)
         step_kwargs = self._step_kwargs(generator)
+        # the conditional rows for the steps outside the guidance interval: the same tensors at every such step,
+        # so the text's keys and values are computed once per run (`text_keys_values` keys on the tensor)
+        cond_rows = (prompt_embeds.chunk(2)[1], prompt_attention_mask.chunk(2)[1]) if guided else None
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             x_in = self.scheduler.scale_model_input(latents, t)
@@ -316,7 +319,7 @@ class DiffXAttnPipeline(DiffusionPipeline):
                 if guidance_rescale > 0:
                     pred = rescale_noise_cfg(pred, pred_c, guidance_rescale)
             elif guided:  # a step outside the guidance interval: the conditional rows alone
-                pred = self._predict(x_in, t, prompt_embeds.chunk(2)[1], prompt_attention_mask.chunk(2)[1])
+                pred = self._predict(x_in, t, *cond_rows)
             else:
                 pred = self._predict(x_in, t, prompt_embeds, prompt_attention_mask)
             latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
@@ -327,6 +330,8 @@ class DiffXAttnPipeline(DiffusionPipeline):
                 latents = out.get("latents", latents)
                 prompt_embeds = out.get("prompt_embeds", prompt_embeds)
                 prompt_attention_mask = out.get("prompt_attention_mask", prompt_attention_mask)
+                if guided and ("prompt_embeds" in out or "prompt_attention_mask" in out):
+                    cond_rows = (prompt_embeds.chunk(2)[1], prompt_attention_mask.chunk(2)[1])
 
         self._guiding = True
         images = self.postprocess(latents, output_type)

@@ -97,6 +97,25 @@ def test_text_keys_values_are_computed_once_per_run_and_images_are_bit_identical
     assert len(cached_calls) == 2 * (layers + self_layers * 4)
 
 
+def test_text_keys_values_are_computed_once_per_run_with_a_guidance_interval(tiny_text, monkeypatch):
+    """Steps outside the guidance interval run the conditional rows alone: one more text tensor for the run, not
+    a new one at every such step."""
+    pipe = tiny_pipeline(tiny_text, default_guidance_scale=3.0)
+    names = list(attention_layers(pipe.unet))
+    layers, self_layers = sum(n.endswith("attn2") for n in names), sum(n.endswith("attn1") for n in names)
+
+    def run():
+        return pipe(["a red circle at the left", "a blue square"], generator=seeded(0, 2), output_type="pt",
+                    num_inference_steps=6, guidance_interval=(0, 0.5)).images
+
+    with monkeypatch.context() as m:
+        _counting(m, cache=False)
+        uncached = run()
+    calls = _counting(monkeypatch, cache=True)
+    assert torch.equal(run(), uncached)
+    assert len(calls) == 2 * layers + self_layers * 6  # guided steps' text, then the conditional rows'
+
+
 def test_text_keys_values_follow_weight_changes(tiny_text, monkeypatch):
     pipe = tiny_pipeline(tiny_text, default_guidance_scale=3.0)
     text = torch.randn(2, 5, 32)
