@@ -113,3 +113,45 @@ def test_capture_works_on_stable_diffusion(sd_pipe):
     maps = store.word_maps()
     assert list(maps) == ["a", "red", "circle"] and all(m.shape == (16, 16) for m in maps.values())
     assert all(type(m.processor).__name__ != "ControlledProcessor" for m in attention_layers(sd_pipe.unet).values())
+
+
+def test_batched_capture_equals_capture_call_by_call(tiny_pipe):
+    """The store computes its probabilities for many calls at once; the maps are those of one call at a time
+    (float summation order aside), for every kind of map it keeps."""
+    def capture(batched: bool, **kw):
+        with AttentionStore(tiny_pipe, per_layer=True, step_bins=3, **kw) as store:
+            store.observes_inputs = batched  # False: the processor hands it each call's probabilities
+            tiny_pipe(["a red circle", "a blue square at the left"], generator=seeded(0, 2), guidance_scale=3.0,
+                      num_inference_steps=7)
+        return store
+
+    for heads in ("mean", "each"):
+        batched, per_call = capture(True, heads=heads), capture(False, heads=heads)
+        assert batched.counts == per_call.counts and batched.bin_counts == per_call.bin_counts
+        assert batched.layer_counts == per_call.layer_counts and batched.steps_seen == per_call.steps_seen
+        for mine, theirs in ((batched.sums, per_call.sums), (batched.bin_sums, per_call.bin_sums),
+                             (batched.layer_sums, per_call.layer_sums)):
+            assert mine.keys() == theirs.keys()
+            for key in theirs:
+                torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6)
+
+
+def test_batched_capture_holds_few_steps_and_reads_up_to_date_mid_run(tiny_pipe):
+    from diffxattn.control.store import BATCHED_STEPS
+
+    layers = sum(n.endswith("attn2") for n in attention_layers(tiny_pipe.unet))
+    waiting, counts = [], []
+
+    def look(pipe, i, t, tensors):
+        waiting.append(len({call.step for call, _, _ in store._waiting}))
+        return {}
+
+    def read(pipe, i, t, tensors):
+        counts.append(sum(store.counts.values()))  # reading the maps computes what waits
+        return {}
+
+    for callback in (look, read):
+        with AttentionStore(tiny_pipe, step_bins=1) as store:  # one bin: only the step limit makes it compute
+            tiny_pipe("a red circle", generator=seeded(0), num_inference_steps=10, callback_on_step_end=callback)
+    assert waiting == [1, 2, 3, 4, 1, 2, 3, 4, 1, 2] and BATCHED_STEPS == 4  # memory: a few steps, whatever the run
+    assert counts == [layers * (i + 1) for i in range(10)]

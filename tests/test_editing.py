@@ -26,6 +26,7 @@ def test_attention_reweight_changes_only_the_target_tokens_columns(tiny_pipe):
     weights = torch.ones(1, 16)
     weights[0, 2] = 2.5  # "red"
     with AttentionStore(tiny_pipe, steps=(0, 1), per_layer=True) as plain:
+        plain.observes_inputs = False  # the layer's probabilities as an edit sees them (not the store's batched ones)
         tiny_pipe("a red circle", generator=seeded(0), **KW)
     with AttentionStore(tiny_pipe, steps=(0, 1), per_layer=True) as store, AttentionReweight(tiny_pipe, weights):
         tiny_pipe("a red circle", generator=seeded(0), **KW)

@@ -11,7 +11,9 @@ For each attention call the processor builds an `AttnCall` (layer name, block, r
 heads, which batch rows are conditional) and asks each controller whether it `wants` the call:
 - nobody wants it: the original (fused SDPA) processor runs, nothing else;
 - controllers only `observe`: the original processor still computes the output, and the softmax
-  probabilities are computed separately for the conditional rows, so capture cannot change an image;
+  probabilities are computed separately for the conditional rows, so capture cannot change an image
+  (a controller with `observes_inputs`, the `AttentionStore`, gets the call's q and k and computes them
+  itself, batched over many calls);
 - a controller `edit`s: the output is the original output plus (edited - original probabilities) @ V,
   projected by to_out. An edit that changes nothing (weight 1) therefore adds exactly zero.
 
@@ -67,6 +69,9 @@ class Controller:
     """
 
     edits = False  # True if `edit` may change probabilities (then the explicit path is taken)
+    # True if the controller takes the conditional rows' attention inputs (`observe_inputs`) and computes the
+    # probabilities itself, later and for many calls at once, instead of `observe` getting them per call
+    observes_inputs = False
 
     def wants(self, call: AttnCall) -> bool:
         return False
@@ -77,6 +82,10 @@ class Controller:
 
     def observe(self, call: AttnCall, probs: torch.Tensor) -> None:
         """probs (rows, heads, N, S) of the conditional rows only."""
+
+    def observe_inputs(self, call: AttnCall, inputs: AttentionInputs, scale: float) -> None:
+        """With `observes_inputs`: the call's projected inputs, all rows (the conditional ones are `call.cond_start:`;
+        a key mask of one row applies to all), when no controller edits the call; otherwise `observe` is called."""
 
     def on_run_start(self, run: SamplingRun) -> None:
         """A pipeline call starts sampling (its scheduler's `set_timesteps`)."""
@@ -133,9 +142,13 @@ class ControlledProcessor:
             out = attend(attn, inputs)
         editors = [c for c in active if c.edits]
         if not editors:  # observe only: probabilities of the conditional rows, output untouched
-            probs = attention_probs(_rows(inputs, call.cond_start), attn.scale)
+            probs = None
             for c in active:
-                c.observe(call, probs)
+                if c.observes_inputs:
+                    c.observe_inputs(call, inputs, attn.scale)
+                else:
+                    probs = attention_probs(_rows(inputs, call.cond_start), attn.scale) if probs is None else probs
+                    c.observe(call, probs)
             return out
         probs = attention_probs(inputs, attn.scale)
         edited = probs
@@ -283,8 +296,9 @@ class PipelineHooks:
         self.clock = StepClock(pipe.scheduler, self._run_started, self._step_ended)
         self.shape = UNetCallShape(pipe)
         self.prompts: list[str] | None = None  # encoded since the last run started
-        self.originals = {name: m.processor for name, m in attention_layers(self.unet).items()}
-        for name, m in attention_layers(self.unet).items():
+        self.layers = attention_layers(self.unet)
+        self.originals = {name: m.processor for name, m in self.layers.items()}
+        for name, m in self.layers.items():
             m.set_processor(ControlledProcessor(name, self.originals[name], self))
         self.hook = self.unet.register_forward_pre_hook(self._unet_called, with_kwargs=True)
         self._encode_prompt = pipe.__dict__.get("encode_prompt")
@@ -336,7 +350,7 @@ class PipelineHooks:
             self.pipe.__dict__.pop("encode_prompt", None)
         else:
             self.pipe.encode_prompt = self._encode_prompt
-        for name, m in attention_layers(self.unet).items():
+        for name, m in self.layers.items():
             m.set_processor(self.originals[name])
 
 
