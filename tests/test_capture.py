@@ -131,7 +131,7 @@ def test_batched_capture_equals_capture_call_by_call(tiny_pipe):
         assert batched.layer_counts == per_call.layer_counts and batched.steps_seen == per_call.steps_seen
         for mine, theirs in ((batched.sums, per_call.sums), (batched.bin_sums, per_call.bin_sums),
                              (batched.layer_sums, per_call.layer_sums)):
-            assert mine.keys() == theirs.keys()
+            assert list(mine) == list(theirs)  # the same maps, in the same order (per layer: the order they run)
             for key in theirs:
                 torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6)
 

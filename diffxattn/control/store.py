@@ -104,8 +104,13 @@ class AttentionStore(ControllerContext):
                                                                      < BATCHED_STEPS):
             self.flush()
         self._waiting_bin = step_bin
-        self.steps_seen.add(call.step)
+        self._seen(call)
         self._waiting.append((call, inputs, scale))
+
+    def _seen(self, call: AttnCall) -> None:
+        self.steps_seen.add(call.step)
+        if self.per_layer:
+            self.layer_hw.setdefault(call.layer, (call.height, call.width))  # layers in the order they run
 
     def flush(self) -> None:
         """Turn the waiting queries into probabilities, one batched softmax per resolution, and add them up."""
@@ -125,11 +130,13 @@ class AttentionStore(ControllerContext):
                 probs = _probs(both, scale).float()
                 self._add([c for c, _ in entries], probs.view(len(entries), rows, *probs.shape[1:]),
                           both.k.shape[2])
+        if self.per_layer:  # computed by resolution; kept in the order the layers run
+            self._layer_sums = {n: self._layer_sums[n] for n in self.layer_hw if n in self._layer_sums}
 
     def observe(self, call: AttnCall, probs: torch.Tensor) -> None:
         """Probabilities as a controller edited them (or SD3's joint attention), one call at a time."""
         self._latent = call.latent
-        self.steps_seen.add(call.step)
+        self._seen(call)
         self._add([call], probs.detach().float()[None], probs.shape[-1])
 
     def _add(self, calls: list[AttnCall], probs: torch.Tensor, keys: int) -> None:
@@ -148,7 +155,6 @@ class AttentionStore(ControllerContext):
             for call, maps in zip(calls, mean_heads):
                 _accumulate(self._layer_sums, call.layer, maps, keys)
                 self._layer_counts[call.layer] += 1
-                self.layer_hw[call.layer] = key
 
     def nbytes(self) -> int:
         """Memory held by the captured maps."""
