@@ -38,7 +38,7 @@ import common  # noqa: E402
 from diffxattn.eval.prompts import SET_NAMES  # noqa: E402
 
 NAME = "quality"
-LAYERS = "[" + ", ".join(map(str, common.DIFFUSERS_LAYERS_PER_BLOCK)) + "]"
+LAYERS = "[" + ", ".join(map(str, common.diffusers_layers_per_block())) + "]"
 VARIANTS = {  # name -> (description, config overrides)
     "ours": ("XAttnUNet: cross-attn at 16, 8; self-attn at 8 (the default)", []),
     "diffusers-all": (common.MODELS["diffusers-all"], ["model.kind=diffusers", f"model.layers_per_block={LAYERS}"]),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import itertools
 import json
 import os
 import platform
@@ -24,15 +26,24 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "shapes-32.yaml"
 TEXT_LEN, TEXT_DIM = 24, 128  # the shapes-32 text encoder's output: (B, 24, 128)
 
-# The diffusers UNet2DConditionModel we compare with: our channels (32, 64, 96) and our 2 layers per block at
-# 32x32 and 16x16, 1 at 8x8 -- the layout that lands within +-10% of our parameter count in both variants
-# (1 layer everywhere is -12%, 2 everywhere +30%).
-DIFFUSERS_LAYERS_PER_BLOCK = (2, 2, 1)
 MODELS = {
     "ours": "XAttnUNet (configs/shapes-32.yaml): cross-attn at 16x16, 8x8; self-attn at 8x8",
     "diffusers-all": "UNet2DConditionModel, CrossAttn blocks at every level (32x32, 16x16, 8x8)",
     "diffusers-low": "UNet2DConditionModel, CrossAttn blocks only at 16x16 and 8x8 (our resolutions)",
 }
+
+
+def use_config(path) -> None:
+    """Compare the UNet of another experiment config (default: the shipped layout, configs/shapes-32.yaml)."""
+    from diffxattn.config import load_config
+
+    global CONFIG
+    CONFIG = Path(path).resolve()
+    cfg = load_config(CONFIG).model
+    stem = f"{cfg.patch_size}x{cfg.patch_size} patch stem; " if cfg.patch_size > 1 else ""
+    where = lambda rs: ", ".join(f"{r}x{r}" for r in rs)  # noqa: E731
+    MODELS["ours"] = (f"XAttnUNet ({CONFIG.relative_to(ROOT)}): {stem}cross-attn at "
+                      f"{where(cfg.cross_attention_resolutions)}; self-attn at {where(cfg.self_attention_resolutions)}")
 
 
 # -- command line and machine --
@@ -106,10 +117,38 @@ def model_config(name: str):
     cfg = load_config(CONFIG).model
     if name == "ours":
         return cfg
+    return _diffusers_config(cfg, name, diffusers_layers_per_block())
+
+
+def _diffusers_config(cfg, name: str, layers: tuple[int, ...]):
     levels = None if name == "diffusers-all" else tuple(range(1, len(cfg.block_out_channels)))
-    return dataclasses.replace(
-        cfg, kind="diffusers", layers_per_block=DIFFUSERS_LAYERS_PER_BLOCK, diffusers_attention_levels=levels
-    )
+    return dataclasses.replace(cfg, kind="diffusers", layers_per_block=layers, diffusers_attention_levels=levels)
+
+
+@functools.lru_cache(maxsize=None)
+def _matched_layers(config: Path) -> tuple[int, ...]:
+    from diffxattn.build import build_unet
+    from diffxattn.config import load_config
+
+    cfg = load_config(config).model
+    ours = num_params(build_unet(cfg, TEXT_DIM))
+    own = cfg.layers_per_block if isinstance(cfg.layers_per_block, (list, tuple)) else \
+        [cfg.layers_per_block] * len(cfg.block_out_channels)
+    candidates = sorted(itertools.product((1, 2, 3), repeat=len(own)),
+                        key=lambda c: sum(abs(a - b) for a, b in zip(c, own)))
+    for layers in candidates:
+        counts = [num_params(build_unet(_diffusers_config(cfg, n, layers), TEXT_DIM))
+                  for n in ("diffusers-all", "diffusers-low")]
+        if all(abs(n / ours - 1) <= 0.10 for n in counts):
+            return layers
+    raise AssertionError(f"no diffusers layers per block of 1-3 lands within +-10% of {config}'s {ours:,} parameters")
+
+
+def diffusers_layers_per_block() -> tuple[int, ...]:
+    """Layers per block of the diffusers UNets compared with CONFIG's: our channels, and the layers per block
+    closest to ours (fewest layers added or removed) that land within +-10% of our parameter count in both
+    variants. For the shipped layout (2 everywhere) that is (2, 2, 1): 1 everywhere is -12%, 2 everywhere +30%."""
+    return _matched_layers(CONFIG)
 
 
 def build_model(name: str) -> torch.nn.Module:

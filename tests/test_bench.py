@@ -114,6 +114,23 @@ def test_speed_compares_ours_with_two_diffusers_unets_of_matched_size(tmp_path):
     assert "| train | ours |" in (tmp_path / "speed.md").read_text()
 
 
+def test_speed_compares_another_config_with_diffusers_unets_matched_to_it():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+
+    try:
+        assert common.diffusers_layers_per_block() == (2, 2, 1)  # the shipped layout's documented match
+        common.use_config(ROOT / "configs" / "shapes-32-cpu.yaml")
+        assert common.diffusers_layers_per_block() == (2, 1, 1)  # 2x2 patch stem, channels 64/96/128
+        assert common.MODELS["ours"].startswith("XAttnUNet (configs/shapes-32-cpu.yaml): 2x2 patch stem;")
+        params = {n: common.num_params(common.build_model(n)) for n in ("ours", "diffusers-all", "diffusers-low")}
+        common.check_param_match(params)
+        assert tuple(common.model_config("diffusers-low").block_out_channels) == (64, 96, 128)
+    finally:
+        common.use_config(ROOT / "configs" / "shapes-32.yaml")
+        sys.path.remove(str(ROOT / "bench"))
+
+
 def test_attention_tools_measures_capture_edit_guided_box_and_store_memory(tmp_path):
     data = run_quick("bench_attention_tools", tmp_path)
     check_common(data, "attention_tools")
