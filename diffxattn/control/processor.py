@@ -69,8 +69,8 @@ class Controller:
     """
 
     edits = False  # True if `edit` may change probabilities (then the explicit path is taken)
-    # True if the controller takes the conditional rows' attention inputs (`observe_inputs`) and computes the
-    # probabilities itself, later and for many calls at once, instead of `observe` getting them per call
+    # True if the controller takes a call's attention inputs (`observe_inputs`) and computes the probabilities
+    # itself, later and for many calls at once, instead of `observe` getting them per call
     observes_inputs = False
 
     def wants(self, call: AttnCall) -> bool:

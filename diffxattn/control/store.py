@@ -115,6 +115,8 @@ class AttentionStore(ControllerContext):
     def flush(self) -> None:
         """Turn the waiting queries into probabilities, one batched softmax per resolution, and add them up."""
         waiting, self._waiting = self._waiting, []
+        if not waiting:
+            return
         groups = defaultdict(list)  # calls whose operands stack: same resolution, shapes, scale and mask layout
         for call, inputs, scale in waiting:
             mask = inputs.mask
