@@ -155,3 +155,36 @@ def test_batched_capture_holds_few_steps_and_reads_up_to_date_mid_run(tiny_pipe)
             tiny_pipe("a red circle", generator=seeded(0), num_inference_steps=10, callback_on_step_end=callback)
     assert waiting == [1, 2, 3, 4, 1, 2, 3, 4, 1, 2] and BATCHED_STEPS == 4  # memory: a few steps, whatever the run
     assert counts == [layers * (i + 1) for i in range(10)]
+
+
+def test_batched_capture_waits_for_at_most_its_byte_limit(tiny_pipe, monkeypatch):
+    """Large layers (Stable Diffusion's queries are megabytes) are computed before the step limit."""
+    from diffxattn.control import store as store_module
+
+    with AttentionStore(tiny_pipe) as reference:
+        tiny_pipe("a red circle", generator=seeded(0), num_inference_steps=4)
+    sizes = []
+    observe = AttentionStore.observe_inputs
+
+    def watched(self, call, inputs, scale):
+        observe(self, call, inputs, scale)
+        sizes.append(self._waiting_bytes)
+
+    limit = 3 * max(i.q.untyped_storage().nbytes() + i.k.untyped_storage().nbytes()
+                    for i in _first_inputs(tiny_pipe))
+    monkeypatch.setattr(store_module, "BATCHED_BYTES", limit)
+    monkeypatch.setattr(AttentionStore, "observe_inputs", watched)
+    with AttentionStore(tiny_pipe) as store:
+        tiny_pipe("a red circle", generator=seeded(0), num_inference_steps=4)
+    assert 0 < max(sizes) <= limit and len(sizes) == sum(reference.counts.values())
+    for key in reference.sums:  # the same maps, computed in smaller batches
+        torch.testing.assert_close(store.sums[key], reference.sums[key])
+
+
+def _first_inputs(pipe) -> list:
+    """The attention inputs one capture run hands the store."""
+    seen = []
+    with AttentionStore(pipe) as store:
+        store.observe_inputs = lambda call, inputs, scale: seen.append(inputs)
+        pipe("a red circle", generator=seeded(0), num_inference_steps=1)
+    return seen

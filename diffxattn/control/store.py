@@ -9,8 +9,8 @@ not grow with the number of steps. Only the conditional half of a guidance batch
 pipeline call inside the `with` block is a new run: it clears the maps and records that call's prompts.
 
 The store takes each observed layer's queries and keys and computes their probabilities in batches: all
-the calls of up to `BATCHED_STEPS` steps of one step bin at a time, one softmax per resolution, when the
-bin ends or the maps are read. At this model size one small softmax per layer and step costs more in
+the calls of up to `BATCHED_STEPS` steps of one step bin at a time (and at most `BATCHED_BYTES` of queries:
+a Stable Diffusion layer's are megabytes), one softmax per resolution, when the bin ends or the maps are read. At this model size one small softmax per layer and step costs more in
 dispatch than in arithmetic; batched, capture costs a few percent of a plain run.
 """
 
@@ -28,6 +28,7 @@ from .steps import SamplingRun, StepRange
 
 NORMALIZATIONS = ("none", "minmax", "share")
 BATCHED_STEPS = 4  # at most this many steps' queries wait for their probabilities: memory stays constant in steps
+BATCHED_BYTES = 64 << 20  # and at most this many bytes of them
 
 
 def _flushed(name: str) -> property:
@@ -78,7 +79,7 @@ class AttentionStore(ControllerContext):
         self._layer_counts: dict[str, int] = defaultdict(int)
         self.layer_hw: dict[str, tuple[int, int]] = {}
         self._waiting: list[tuple[AttnCall, AttentionInputs, float]] = []  # one step bin's, see observe_inputs
-        self._waiting_bin = 0
+        self._waiting_bin = self._waiting_bytes = 0
         self.steps_seen: set[int] = set()
         self.num_steps = 0
 
@@ -97,15 +98,18 @@ class AttentionStore(ControllerContext):
         return (call.step * self.step_bins) // max(call.num_steps, 1)
 
     def observe_inputs(self, call: AttnCall, inputs: AttentionInputs, scale: float) -> None:
-        """Keep the call's queries and keys until its step bin ends (or `BATCHED_STEPS` steps wait)."""
+        """Keep the call's queries and keys until its step bin ends (or `BATCHED_STEPS` steps or `BATCHED_BYTES`
+        wait). Only q, k and the mask are kept (q and k whole: the layer computed them for all rows)."""
         self._latent = call.latent
         step_bin = self._bin(call)
-        if self._waiting and (step_bin != self._waiting_bin or not 0 <= call.step - self._waiting[0][0].step
-                                                                     < BATCHED_STEPS):
+        size = inputs.q.untyped_storage().nbytes() + inputs.k.untyped_storage().nbytes()
+        if self._waiting and (step_bin != self._waiting_bin or self._waiting_bytes + size > BATCHED_BYTES
+                              or not 0 <= call.step - self._waiting[0][0].step < BATCHED_STEPS):
             self.flush()
         self._waiting_bin = step_bin
+        self._waiting_bytes += size
         self._seen(call)
-        self._waiting.append((call, inputs, scale))
+        self._waiting.append((call, AttentionInputs(inputs.q, inputs.k, None, inputs.mask, None, None), scale))
 
     def _seen(self, call: AttnCall) -> None:
         self.steps_seen.add(call.step)
@@ -114,7 +118,7 @@ class AttentionStore(ControllerContext):
 
     def flush(self) -> None:
         """Turn the waiting queries into probabilities, one batched softmax per resolution, and add them up."""
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting, self._waiting_bytes = self._waiting, [], 0
         if not waiting:
             return
         groups = defaultdict(list)  # calls whose operands stack: same resolution, shapes, scale and mask layout
