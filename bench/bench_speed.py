@@ -129,7 +129,7 @@ def run(args) -> dict:
         "benchmark": NAME,
         "quick": args.quick,
         "machine": common.machine(),
-        "config": str(common.CONFIG.relative_to(common.ROOT)),
+        "config": common.config_name(),
         "settings": s,
         "models": {
             n: {

@@ -42,8 +42,13 @@ def use_config(path) -> None:
     cfg = load_config(CONFIG).model
     stem = f"{cfg.patch_size}x{cfg.patch_size} patch stem; " if cfg.patch_size > 1 else ""
     where = lambda rs: ", ".join(f"{r}x{r}" for r in rs)  # noqa: E731
-    MODELS["ours"] = (f"XAttnUNet ({CONFIG.relative_to(ROOT)}): {stem}cross-attn at "
+    MODELS["ours"] = (f"XAttnUNet ({config_name()}): {stem}cross-attn at "
                       f"{where(cfg.cross_attention_resolutions)}; self-attn at {where(cfg.self_attention_resolutions)}")
+
+
+def config_name() -> str:
+    """CONFIG as the results show it: relative to the repository when it is in it."""
+    return str(CONFIG.relative_to(ROOT)) if CONFIG.is_relative_to(ROOT) else str(CONFIG)
 
 
 # -- command line and machine --
