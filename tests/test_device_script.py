@@ -16,12 +16,18 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # about a minute on 2 cores
 
 
-def test_device_train_script_stops_at_its_time_limit_and_keeps_the_newest_checkpoint(tmp_path):
+@pytest.mark.parametrize("config, extra, channels", [
+    (None, [], None),  # the shipped model, fine-tuned: its layout
+    ("configs/shapes-32-cpu.yaml", ["model.pretrained=null"], [64, 96, 128]),  # another layout, from scratch
+])
+def test_device_train_script_stops_at_its_time_limit_and_keeps_the_newest_checkpoint(tmp_path, config, extra,
+                                                                                       channels):
     out, run = tmp_path / "out", tmp_path / "run"
     env = {**os.environ, "OUT": str(out), "RUN_DIR": str(run), "TRAIN_S": "45", "EVAL_ARGS": "--quick --sets single",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **({"CONFIG": config} if config
+                                                                                         else {})}
     overrides = ["train.max_steps=100000", "train.batch_size=2", "train.checkpoint_every=1", "train.mixed_precision=no",
-                 "data.num_workers=0", "logging.log_every=1", "train.checkpoints_total_limit=2"]
+                 "data.num_workers=0", "logging.log_every=1", "train.checkpoints_total_limit=2", *extra]
     proc = subprocess.run(["bash", str(ROOT / "bench" / "device_train.sh"), *overrides], env=env, capture_output=True,
                           text=True, timeout=600)
     log = (out / "log.txt").read_text()
@@ -38,6 +44,6 @@ def test_device_train_script_stops_at_its_time_limit_and_keeps_the_newest_checkp
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float16"}
     shipped = json.loads((ROOT / "pipelines" / "shapes-32" / "unet" / "config.json").read_text())
     assert json.loads((tmp_path / "pipe" / "unet" / "config.json").read_text())["block_out_channels"] == \
-        shipped["block_out_channels"]
+        (channels or shipped["block_out_channels"])
     report = json.loads((out / "eval.json").read_text())
     assert report["pipeline"] == str(run / "export") and list(report["sets"]) == ["single"]
