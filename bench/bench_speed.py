@@ -302,9 +302,6 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-SHIPPED = "configs/shapes-32.yaml"
-
-
 def why(metric: str, data: dict) -> str:
     """The reading of the profiles and the forward-by-batch rows when a target is missed."""
     fwd = ", ".join(
@@ -312,7 +309,8 @@ def why(metric: str, data: dict) -> str:
         for r in data["comparisons"]
         if r["metric"] == "forward"
     )
-    if data.get("config", SHIPPED) != SHIPPED:  # the readings below are about the shipped layout's backbone
+    shipped = str(common.SHIPPED.relative_to(common.ROOT))
+    if data.get("config", shipped) != shipped:  # the readings below are about the shipped layout's backbone
         return f"Forward-only ratios by batch in this run: {fwd}."
     if metric == "sample":
         return (

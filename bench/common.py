@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "configs" / "shapes-32.yaml"
+SHIPPED = ROOT / "configs" / "shapes-32.yaml"  # the shipped model's layout
+CONFIG = SHIPPED  # the config whose UNet is 'ours' (`use_config`)
 TEXT_LEN, TEXT_DIM = 24, 128  # the shapes-32 text encoder's output: (B, 24, 128)
 
 MODELS = {

@@ -201,8 +201,10 @@ def joint_text_probs(attn: Attention, hidden_states: torch.Tensor, context: torc
 
 
 def _rows(inputs: AttentionInputs, start: int) -> AttentionInputs:
+    """The rows start: of q, k, v and the key mask (a mask of one row applies to all; v may be absent)."""
     mask = inputs.mask[start:] if inputs.mask is not None and inputs.mask.shape[0] > 1 else inputs.mask
-    return AttentionInputs(inputs.q[start:], inputs.k[start:], inputs.v[start:], mask, inputs.residual, inputs.shape4d)
+    v = inputs.v[start:] if inputs.v is not None else None
+    return AttentionInputs(inputs.q[start:], inputs.k[start:], v, mask, inputs.residual, inputs.shape4d)
 
 
 def _project_delta(attn: Attention, delta: torch.Tensor, inputs: AttentionInputs | None) -> torch.Tensor:

@@ -10,8 +10,9 @@ pipeline call inside the `with` block is a new run: it clears the maps and recor
 
 The store takes each observed layer's queries and keys and computes their probabilities in batches: all
 the calls of up to `BATCHED_STEPS` steps of one step bin at a time (and at most `BATCHED_BYTES` of queries:
-a Stable Diffusion layer's are megabytes), one softmax per resolution, when the bin ends or the maps are read. At this model size one small softmax per layer and step costs more in
-dispatch than in arithmetic; batched, capture costs a few percent of a plain run.
+a Stable Diffusion layer's are megabytes), one softmax per resolution, when the bin ends or the maps are
+read. At this model size one small softmax per layer and step costs more in dispatch than in arithmetic;
+batched, capture costs a few percent of a plain run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from ..conditioning import TokenizedPrompt, prompt_tokens
 from ..models.attention import AttentionInputs, attention_probs
-from .processor import AttnCall, ControllerContext
+from .processor import AttnCall, ControllerContext, _rows
 from .steps import SamplingRun, StepRange
 
 NORMALIZATIONS = ("none", "minmax", "share")
@@ -100,7 +101,6 @@ class AttentionStore(ControllerContext):
     def observe_inputs(self, call: AttnCall, inputs: AttentionInputs, scale: float) -> None:
         """Keep the call's queries and keys until its step bin ends (or `BATCHED_STEPS` steps or `BATCHED_BYTES`
         wait). Only q, k and the mask are kept (q and k whole: the layer computed them for all rows)."""
-        self._latent = call.latent
         step_bin = self._bin(call)
         size = inputs.q.untyped_storage().nbytes() + inputs.k.untyped_storage().nbytes()
         if self._waiting and (step_bin != self._waiting_bin or self._waiting_bytes + size > BATCHED_BYTES
@@ -112,6 +112,7 @@ class AttentionStore(ControllerContext):
         self._waiting.append((call, AttentionInputs(inputs.q, inputs.k, None, inputs.mask, None, None), scale))
 
     def _seen(self, call: AttnCall) -> None:
+        self._latent = call.latent
         self.steps_seen.add(call.step)
         if self.per_layer:
             self.layer_hw.setdefault(call.layer, (call.height, call.width))  # layers in the order they run
@@ -128,11 +129,12 @@ class AttentionStore(ControllerContext):
                     None if mask is None else (mask.dtype, mask.shape))].append((call, inputs))
         with torch.no_grad():
             for (_, start, scale, *_), entries in groups.items():
-                q = torch.cat([i.q[start:] for _, i in entries])
+                parts = [_rows(i, start) for _, i in entries]
+                q = torch.cat([p.q for p in parts])
                 rows = q.shape[0] // len(entries)
-                masks = [i.mask[start:] if i.mask.shape[0] > 1 else i.mask for _, i in entries if i.mask is not None]
-                mask = torch.cat([m.expand(rows, *m.shape[1:]) for m in masks]) if masks else None
-                both = AttentionInputs(q, torch.cat([i.k[start:] for _, i in entries]), None, mask, None, None)
+                masks = [p.mask.expand(rows, *p.mask.shape[1:]) for p in parts if p.mask is not None]
+                both = AttentionInputs(q, torch.cat([p.k for p in parts]), None, torch.cat(masks) if masks else None,
+                                       None, None)
                 probs = _probs(both, scale).float()
                 self._add([c for c, _ in entries], probs.view(len(entries), rows, *probs.shape[1:]),
                           both.k.shape[2])
@@ -141,7 +143,6 @@ class AttentionStore(ControllerContext):
 
     def observe(self, call: AttnCall, probs: torch.Tensor) -> None:
         """Probabilities as a controller edited them (or SD3's joint attention), one call at a time."""
-        self._latent = call.latent
         self._seen(call)
         self._add([call], probs.detach().float()[None], probs.shape[-1])
 
