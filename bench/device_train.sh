@@ -16,7 +16,8 @@
 # config; the CPU recipe's 2x2 patch-stem layout (twice the training speed, the layout the speed benchmarks want:
 # bench/README.md) from scratch with the shipped text encoder:
 #   CONFIG=configs/shapes-32-cpu.yaml bash bench/device_train.sh model.pretrained=null data.two_object_prob=0.5 \
-#       optim.lr=8e-4 train.max_steps=6000
+#       optim.lr=8e-4
+# bench/device_train_both.sh runs both side by side in one device call (what to run when a GPU is lent).
 #
 # Here, once (diffusers is not installed on the device; the wheels travel in the ignored .whl/ folder):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
