@@ -25,8 +25,8 @@ from conftest import seeded, step_inputs
 
 KW = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np")
 # An image sampled in a batch of 2 against the same image alone: the same computation but for GEMM blocking,
-# which follows the batch; on an AVX2-only CPU the [0, 1] pixels differ by up to 1.4e-5 (AVX-512 less). A
-# wrong text or pooled embedding moves them by more than 1e-3.
+# which follows the batch; on an AVX2-only CPU the [0, 1] pixels differ by up to 1.4e-5 (earlier machines stayed
+# under 1e-5). A wrong text or pooled embedding moves them by more than 1e-3.
 BATCH_ATOL = 1e-4
 
 
