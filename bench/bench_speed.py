@@ -309,7 +309,7 @@ def why(metric: str, data: dict) -> str:
         for r in data["comparisons"]
         if r["metric"] == "forward"
     )
-    shipped = str(common.SHIPPED.relative_to(common.ROOT))
+    shipped = common.config_name(common.SHIPPED)
     if data.get("config", shipped) != shipped:  # the readings below are about the shipped layout's backbone
         return f"Forward-only ratios by batch in this run: {fwd}."
     if metric == "sample":

@@ -47,9 +47,10 @@ def use_config(path) -> None:
                       f"{where(cfg.cross_attention_resolutions)}; self-attn at {where(cfg.self_attention_resolutions)}")
 
 
-def config_name() -> str:
-    """CONFIG as the results show it: relative to the repository when it is in it."""
-    return str(CONFIG.relative_to(ROOT)) if CONFIG.is_relative_to(ROOT) else str(CONFIG)
+def config_name(path: Path | None = None) -> str:
+    """A config (default: CONFIG) as the results show it: relative to the repository when it is in it."""
+    path = path or CONFIG
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 # -- command line and machine --
